@@ -1,0 +1,23 @@
+"""conceptor_nb: explain how a text-to-image diffusion model represents a concept (Conceptor, ICLR 2024).
+
+One function per stage::
+
+    pipe = load_pipeline("toy")                  # or a Stable Diffusion folder / hub id
+    dec = decompose(pipe, "a dog")               # images -> dictionary -> fit
+    dec.to_frame(); dec.plot(); dec.render(pipe, seeds=range(4))
+"""
+from .config import Settings, settings
+from .decompose import Decomposition, decompose
+from .dictionary import Dictionary, build_dictionary
+from .errors import CacheError, ConceptorError, ModelNotFoundError
+from .images import concept_images, generate
+from .inject import pseudo_token
+from .models import load_clip, load_pipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheError", "ConceptorError", "Decomposition", "Dictionary", "ModelNotFoundError", "Settings",
+    "build_dictionary", "concept_images", "decompose", "generate", "load_clip", "load_pipeline",
+    "pseudo_token", "settings",
+]
