@@ -1,0 +1,284 @@
+"""Bias detection (from the coefficients and from the images) and mitigation (by rebalancing coefficients).
+
+An *attribute* is a dict from value to words, e.g. ``{"man": ["man", "boy"],
+"woman": ["woman", "girl"]}``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .decompose import Decomposition
+from .images import concept_images
+from .results import load_result, save_result
+
+Classifier = Callable[[torch.Tensor], list]
+
+
+def _check_attribute(attribute: dict) -> dict:
+    if not isinstance(attribute, dict) or len(attribute) < 2:
+        raise ValueError("attribute must map at least two values to word lists, e.g. {'man': ['man'], 'woman': ['woman']}")
+    out = {}
+    for value, words in attribute.items():
+        words = [words] if isinstance(words, str) else list(words)
+        if not words:
+            raise ValueError(f"attribute value {value!r} has no words")
+        out[str(value)] = [w.strip().lower() for w in words]
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def zero_shot_classifier(clip, attribute: dict, template: str = "a photo of a {}") -> Classifier:
+    """A CLIP zero-shot classifier: each image goes to the value whose words' mean text embedding is closest."""
+    attribute = _check_attribute(attribute)
+    values = list(attribute)
+    protos = torch.stack([torch.nn.functional.normalize(clip.text_features([template.format(w) for w in ws]).mean(0), dim=0)
+                          for ws in attribute.values()])
+
+    def classify(images: torch.Tensor) -> list[str]:
+        return [values[i] for i in (clip.image_features(images) @ protos.T).argmax(-1).tolist()]
+
+    return classify
+
+
+def shares(labels: list, values: list[str]) -> dict[str, float]:
+    n = max(1, len(labels))
+    return {v: sum(1 for x in labels if x == v) / n for v in values}
+
+
+def coefficient_mass(dec: Decomposition, attribute: dict, n_tokens: int | None = None) -> dict[str, float]:
+    """Each value's share of the top tokens' coefficient mass (the words of the value, summed)."""
+    attribute = _check_attribute(attribute)
+    top = dec.top(n_tokens)
+    total = sum(c for _, c in top) or 1.0
+    return {v: sum(c for t, c in top if t in ws) / total for v, ws in attribute.items()}
+
+
+@dataclass
+class BiasReport:
+    """How a concept splits over the values of an attribute, measured two (or three) ways."""
+
+    concept: str
+    values: list[str]
+    coefficient_share: dict            # value -> share of the top-n coefficient mass
+    image_share: dict                  # value -> share of images the CLIP zero-shot classifier assigns it
+    image_ci: dict                     # value -> [low, high], 95% Wilson interval
+    n_images: int
+    oracle_share: dict | None = None   # value -> share by a ground-truth classifier, when there is one
+    labels: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def majority(self) -> str:
+        return max(self.values, key=lambda v: self.image_share[v])
+
+    def to_frame(self):
+        import pandas as pd
+
+        rows = []
+        for v in self.values:
+            rows.append({"value": v, "coefficient_share": self.coefficient_share.get(v, float("nan")),
+                         "image_share": self.image_share[v], "ci_low": self.image_ci[v][0], "ci_high": self.image_ci[v][1],
+                         "oracle_share": (self.oracle_share or {}).get(v, float("nan"))})
+        return pd.DataFrame(rows)
+
+    def plot(self, ax=None):
+        """Bars per value: coefficient mass, CLIP image share (with its interval) and, if any, the oracle."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3))
+        f = self.to_frame()
+        kinds = [("coefficient_share", "coefficients"), ("image_share", "images (CLIP)")]
+        if self.oracle_share:
+            kinds.append(("oracle_share", "images (oracle)"))
+        w = 0.8 / len(kinds)
+        for j, (col, label) in enumerate(kinds):
+            x = [i + (j - (len(kinds) - 1) / 2) * w for i in range(len(f))]
+            err = None
+            if col == "image_share":
+                err = [f["image_share"] - f["ci_low"], f["ci_high"] - f["image_share"]]
+            ax.bar(x, f[col], width=w, label=label, yerr=err, capsize=3, color=f"C{j}")
+        ax.set_xticks(range(len(f)), f["value"])
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("share")
+        ax.set_title(f"{self.concept}: bias")
+        ax.legend(fontsize=8)
+        return ax
+
+    def save(self, folder, overwrite: bool = False):
+        return save_result(self, folder, "bias_report", overwrite)
+
+    @classmethod
+    def load(cls, folder) -> "BiasReport":
+        return load_result(cls, folder, "bias_report")
+
+
+def _report(concept, values, coef_share, labels, oracle_labels=None, settings=None) -> BiasReport:
+    n = len(labels)
+    counts = {v: sum(1 for x in labels if x == v) for v in values}
+    return BiasReport(
+        concept=concept, values=values, coefficient_share=coef_share, image_share={v: counts[v] / max(1, n) for v in values},
+        image_ci={v: list(wilson(counts[v], n)) for v in values}, n_images=n,
+        oracle_share=shares(oracle_labels, values) if oracle_labels is not None else None,
+        labels=list(labels), settings=settings or {},
+    )
+
+
+def detect_bias(pipe, dec: Decomposition, attribute: dict, *, clip=None, images: torch.Tensor | None = None,
+                n: int | None = None, seed: int | None = None, oracle: Classifier | None = None,
+                class_template: str = "a photo of a {}", cache_dir=None, verbose: bool = False) -> BiasReport:
+    """Detect which value of ``attribute`` the concept leans to, from the coefficients and from images.
+
+    ``images``: the concept's images (default: its generated training images,
+    from the cache). ``oracle``: a ground-truth classifier, images -> values.
+    """
+    attribute = _check_attribute(attribute)
+    if clip is None:
+        from .models import load_clip
+
+        clip = load_clip(dec.clip or "toy", device=pipe.device)
+    s = dec.settings
+    if images is None:
+        images = concept_images(pipe, dec.prompt, n or s.get("n_train", 32), s.get("seed", 0) if seed is None else seed,
+                                steps=s.get("gen_steps", 50), guidance=s.get("guidance", 7.5),
+                                sampler=s.get("gen_scheduler", "dpm"), cache_dir=cache_dir, verbose=verbose)
+    labels = zero_shot_classifier(clip, attribute, class_template)(images)
+    return _report(dec.concept, list(attribute), coefficient_mass(dec, attribute), labels,
+                   oracle(images) if oracle is not None else None, {"attribute": attribute, "class_template": class_template})
+
+
+@dataclass
+class Mitigation:
+    """A rebalanced decomposition and the distributions before and after."""
+
+    concept: str
+    target: dict                     # value -> wanted share
+    token: str                       # the token whose coefficient was calibrated
+    coefficient_before: float
+    coefficient_after: float
+    before: dict                     # value -> share in renders of the original decomposition
+    after: dict                      # value -> share in renders of the mitigated one
+    rounds: list[dict]               # coefficient tried -> measured shares
+    success: bool
+    decomposition: dict = field(default_factory=dict)  # the mitigated Decomposition, as saved
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def mitigated(self) -> Decomposition:
+        names = Decomposition.__dataclass_fields__
+        return Decomposition(**{k: v for k, v in self.decomposition.items() if k in names})
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame([{"value": v, "target": self.target.get(v, float("nan")), "before": self.before[v],
+                              "after": self.after[v]} for v in self.before])
+
+    def plot(self, ax=None):
+        """Before/after bars per value, with the target."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3))
+        f = self.to_frame()
+        x = range(len(f))
+        ax.bar([i - 0.2 for i in x], f["before"], width=0.4, label="before", color="C7")
+        ax.bar([i + 0.2 for i in x], f["after"], width=0.4, label="after", color="C2")
+        ax.scatter(list(x), f["target"], marker="_", s=600, color="k", label="target", zorder=3)
+        ax.set_xticks(list(x), f["value"])
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("share of images")
+        ax.set_title(f"{self.concept}: {self.token} {self.coefficient_before:.3g} -> {self.coefficient_after:.3g}")
+        ax.legend(fontsize=8)
+        return ax
+
+    def save(self, folder, overwrite: bool = False):
+        return save_result(self, folder, "mitigation", overwrite)
+
+    @classmethod
+    def load(cls, folder) -> "Mitigation":
+        return load_result(cls, folder, "mitigation")
+
+
+def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None = None, *, classifier: Classifier | None = None,
+                  clip=None, seeds=None, n: int = 32, tolerance: float = 0.05, max_rounds: int = 8,
+                  steps: int | None = None, verbose: bool = False) -> Mitigation:
+    """Raise the under-represented value's token until renders meet ``target`` (default: equal shares).
+
+    The token is the strongest word of that value in the decomposition, or its
+    first word added to it. Each round renders the same ``seeds`` and measures
+    the shares with ``classifier`` (default: CLIP zero-shot); the coefficient is
+    found by doubling, then bisection on the measured share.
+    """
+    attribute = _check_attribute(attribute)
+    values = list(attribute)
+    target = dict(target or {v: 1 / len(values) for v in values})
+    if set(target) != set(values) or abs(sum(target.values()) - 1) > 1e-6:
+        raise ValueError(f"target must give a share for each of {values}, summing to 1")
+    if classifier is None:
+        if clip is None:
+            from .models import load_clip
+
+            clip = load_clip(dec.clip or "toy", device=pipe.device)
+        classifier = zero_shot_classifier(clip, attribute)
+    t0 = time.perf_counter()
+    seeds = list(seeds) if seeds is not None else list(range(2_000_000, 2_000_000 + n))
+    kw = dict(steps=steps) if steps else {}
+
+    def measure(d: Decomposition) -> dict:
+        return shares(classifier(d.render(pipe, seeds, **kw)), values)
+
+    before = measure(dec)
+    under = max(values, key=lambda v: target[v] - before[v])
+    present = [(t, c) for t, c in dec.top() if t in attribute[under]]
+    token, c0 = present[0] if present else (attribute[under][0], 0.0)
+    rounds = [{"coefficient": c0, **before}]
+
+    def with_c(c):
+        return dec.with_coefficient(token, c, tokenizer=pipe.tokenizer)
+
+    def gap(sh):
+        return sh[under] - target[under]
+
+    best = (abs(gap(before)), c0, before)
+    lo, hi = c0, None
+    c = max(c0 * 2, max(dec.coefficients[: dec.n_tokens]) * 0.5)
+    for _ in range(max_rounds):
+        if best[0] <= tolerance:
+            break
+        sh = measure(with_c(c))
+        rounds.append({"coefficient": c, **sh})
+        if verbose:
+            print(f"{token} = {c:.4g}: {sh}")
+        if abs(gap(sh)) < best[0]:
+            best = (abs(gap(sh)), c, sh)
+        if gap(sh) < 0:
+            lo = c
+            c = c * 2 if hi is None else (lo + hi) / 2
+        else:
+            hi = c
+            c = (lo + hi) / 2
+    _, c_best, after = best
+    new = with_c(c_best) if c_best != c0 else dec
+    from dataclasses import asdict
+
+    return Mitigation(
+        concept=dec.concept, target=target, token=token, coefficient_before=c0, coefficient_after=c_best,
+        before=before, after=after, rounds=rounds, success=best[0] <= tolerance, decomposition=asdict(new),
+        settings={"attribute": attribute, "seeds": seeds, "tolerance": tolerance, "seconds": time.perf_counter() - t0},
+    )
