@@ -66,7 +66,8 @@ def cmd_decompose(args) -> int:
     image_grid(concept, nrow=n_grid, upscale=max(1, 256 // concept.shape[-1])).save(out / "concept.png")
     image_grid(dec.render(pipe, seeds), nrow=n_grid, upscale=max(1, 256 // concept.shape[-1])).save(out / "reconstruction.png")
     frame = dec.to_frame(args.show)
-    print(f"\n{dec.concept!r} on {dec.model} (settings: {"tiny" if model == "tiny" else profile_name()}): top {len(frame)} of {len(dec.tokens)} dictionary tokens")
+    settings_name = "tiny" if model == "tiny" else profile_name()
+    print(f"\n{dec.concept!r} on {dec.model} (settings: {settings_name}): top {len(frame)} of {len(dec.tokens)} dictionary tokens")
     print(frame[["rank", "token", "coefficient", "share"]].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     tm = dec.history["timings"]
     best = dec.history.get("best_step")
