@@ -8,7 +8,7 @@ One function per stage::
 """
 from .bias import BiasReport, Mitigation, detect_bias, mitigate_bias
 from .config import Settings, settings
-from .decompose import Decomposition, decompose
+from .decompose import Decomposition, decompose, decomposition_table
 from .dictionary import Dictionary, build_dictionary
 from .explain import ImageExplanation, explain_image
 from .errors import CacheError, ConceptorError, ModelNotFoundError
@@ -23,6 +23,6 @@ __all__ = [
     "BiasReport", "ImageExplanation", "Mitigation", "Panel", "Sweep", "detect_bias", "explain_image",
     "mitigate_bias", "panel", "set_coefficient", "sweep",
     "CacheError", "ConceptorError", "Decomposition", "Dictionary", "ModelNotFoundError", "Settings",
-    "build_dictionary", "concept_images", "decompose", "generate", "load_clip", "load_pipeline",
+    "build_dictionary", "concept_images", "decompose", "decomposition_table", "generate", "load_clip", "load_pipeline",
     "pseudo_token", "settings",
 ]

@@ -56,7 +56,9 @@ def zero_shot_classifier(clip, attribute: dict, template: str = "a photo of a {}
 
 
 def shares(labels: list, values: list[str]) -> dict[str, float]:
-    n = max(1, len(labels))
+    """Each value's share among the labels that are one of ``values`` (a classifier may answer
+    ``None`` or another value for an image that shows none of them; those do not count)."""
+    n = max(1, sum(1 for x in labels if x in values))
     return {v: sum(1 for x in labels if x == v) / n for v in values}
 
 

@@ -57,12 +57,8 @@ def cmd_decompose(args) -> int:
     dec.history["timings"]["total_s"] = t_total
     dec.save(out, overwrite=args.overwrite)
     n_grid = min(8, dec.settings["n_train"])
-    seeds = range(dec.settings["seed"], dec.settings["seed"] + n_grid)
-    from .images import concept_images
-
-    st = dec.settings
-    concept = concept_images(pipe, dec.prompt, n_grid, st["seed"], steps=st["gen_steps"], guidance=st["guidance"],
-                             sampler=st["gen_scheduler"], verbose=False)
+    seeds = dec.seeds(n_grid)
+    concept = dec.concept_images(pipe, n_grid)
     image_grid(concept, nrow=n_grid, upscale=max(1, 256 // concept.shape[-1])).save(out / "concept.png")
     image_grid(dec.render(pipe, seeds), nrow=n_grid, upscale=max(1, 256 // concept.shape[-1])).save(out / "reconstruction.png")
     frame = dec.to_frame(args.show)

@@ -55,6 +55,7 @@ class Settings:
     dict_size: int = 5000
     clip_templates: tuple[str, ...] = CLIP_TEMPLATES
     exclude_threshold: float | None = 0.9
+    null_threshold: float | None = None  # drop tokens CLIP reads as no word (toy world only; not the authors')
     # fit
     n_tokens: int = 50
     steps: int = 500
@@ -84,7 +85,7 @@ SD = Settings(model="stabilityai/stable-diffusion-2-1-base", clip="openai/clip-v
 # The toy world: 32 px images, a few hundred words that matter.
 TOY = Settings(
     model="toy", clip="toy", n_train=48, n_val=8, gen_steps=20, guidance=4.0, gen_scheduler="dpm",
-    dict_size=100, clip_templates=("a photo of a {}",), n_tokens=10, steps=300, batch_size=6,
+    dict_size=100, null_threshold=0.8, clip_templates=("a photo of a {}",), n_tokens=10, steps=300, batch_size=6,
     val_every=50, val_steps=15,
 )
 CI = TOY.replace(n_train=24, n_val=4, gen_steps=12, steps=150, val_every=50, val_steps=10)
@@ -124,6 +125,16 @@ def settings_for_model(model: str | None) -> Settings:
 
 def data_dir() -> Path:
     return Path(os.environ.get(ENV_DATA, REPO_ROOT / "data"))
+
+
+def figures_dir() -> Path:
+    """Where notebooks save figures: ``figures/`` of the repository, but not under the ci profile
+    (a test run must not overwrite the committed figures); ``CONCEPTOR_FIGURES`` overrides."""
+    if os.environ.get("CONCEPTOR_FIGURES"):
+        return Path(os.environ["CONCEPTOR_FIGURES"])
+    if profile_name() == "ci":
+        return cache_dir() / "figures"
+    return REPO_ROOT / "figures"
 
 
 def cache_dir() -> Path:

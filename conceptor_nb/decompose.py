@@ -128,6 +128,19 @@ class Decomposition:
             desc="rendering the pseudo-token",
         )
 
+    def concept_images(self, pipe, n: int | None = None, *, cache_dir=None, verbose: bool = False) -> torch.Tensor:
+        """The first ``n`` images the decomposition was trained on (seeds ``seed, seed+1, ...``; from
+        the cache when they are there), so ``render(pipe, range(seed, seed + n))`` pairs with them."""
+        s = self.settings
+        return concept_images(pipe, self.prompt, n or s.get("n_train", 8), s.get("seed", 0), steps=s.get("gen_steps", 50),
+                              guidance=s.get("guidance", 7.5), sampler=s.get("gen_scheduler", "dpm"),
+                              cache_dir=cache_dir, verbose=verbose)
+
+    def seeds(self, n: int) -> list[int]:
+        """The seeds of the first ``n`` training images."""
+        seed = self.settings.get("seed", 0)
+        return list(range(seed, seed + n))
+
     def with_coefficient(self, token: str, value: float, *, tokenizer=None) -> "Decomposition":
         """A copy with ``token``'s coefficient set to ``value`` (a new token needs ``tokenizer``)."""
         from .manipulate import set_coefficient
@@ -237,6 +250,7 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
     if dictionary is None:
         dictionary = build_dictionary(clip, images, concept_word(concept), s.dict_size, templates=s.clip_templates,
                                       exclude_concept=exclude_concept, exclude_threshold=s.exclude_threshold,
+                                      null_threshold=s.null_threshold,
                                       cache_dir=cache_dir, verbose=verbose)
     timings["dictionary_s"] = time.perf_counter() - t0
 
@@ -366,3 +380,16 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
                           "step_ms": 1000 * fit_time / max(1, len(step_times)),
                           "validation_s": time.perf_counter() - t0 - enc_time - fit_time}
     return best[2].float().cpu(), history
+
+
+def decomposition_table(decompositions, k: int = 5):
+    """One row per decomposition: the concept and its top-k tokens with coefficients (pandas)."""
+    import pandas as pd
+
+    rows = []
+    for d in decompositions:
+        row = {"concept": d.concept}
+        for i, (t, c) in enumerate(d.top(k), 1):
+            row[f"#{i}"] = f"{t} {c:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -85,12 +85,19 @@ class Dictionary:
 
 def build_dictionary(clip, images: torch.Tensor, concept: str, size: int, *, vocab_features=None,
                      templates=("a photo of a {}",), exclude_concept: bool = True,
-                     exclude_threshold: float | None = 0.9, cache_dir=None, verbose: bool = True) -> Dictionary:
+                     exclude_threshold: float | None = 0.9, null_threshold: float | None = None, cache_dir=None,
+                     verbose: bool = True) -> Dictionary:
     """The ``size`` tokens whose CLIP text embedding is closest to the mean image embedding.
 
     With ``exclude_concept``, the concept's own tokens are removed: its exact
     tokens, and (``exclude_threshold``) tokens whose text embedding has cosine
     above the threshold with the concept word's.
+
+    ``null_threshold`` (not in the authors' method; off by default) also drops
+    tokens that CLIP cannot tell from no word at all: cosine above the threshold
+    between "a photo of a <token>" and "a photo of a" (templates averaged). The
+    toy world's CLIP was trained to read unknown tokens that way, so there this
+    removes the meaningless tokens that would otherwise crowd the dictionary.
     """
     tok = clip.tokenizer
     vocab_size = len(word_token_ids(tok))
@@ -110,8 +117,14 @@ def build_dictionary(clip, images: torch.Tensor, concept: str, size: int, *, voc
             word_feat = torch.nn.functional.normalize(clip.text_features([t.format(word) for t in templates]).mean(0), dim=0).cpu()
             valid &= (vocab_features @ word_feat) <= exclude_threshold
         excluded = [token_text(tok, i) for i in torch.nonzero(~valid & (vocab_features.norm(dim=-1) > 0)).flatten().tolist()]
-    if int(valid.sum()) < size:
-        raise ValueError(f"only {int(valid.sum())} tokens are left after excluding the concept, fewer than size={size}")
+    if null_threshold is not None:
+        null = torch.nn.functional.normalize(clip.text_features([t.format("").strip() for t in templates]).mean(0), dim=0).cpu()
+        valid &= (vocab_features @ null) <= null_threshold
+    if null_threshold is not None and 0 < int(valid.sum()) < size:
+        size = int(valid.sum())  # the meaningful tokens are fewer than asked: take them all
+    if int(valid.sum()) < size or size == 0:
+        raise ValueError(f"only {int(valid.sum())} tokens are left after excluding the concept"
+                         f"{' and the null-like tokens' if null_threshold is not None else ''}, fewer than size={size}")
     sims = torch.where(valid, sims, torch.tensor(-float("inf")))
     top = torch.topk(sims, size)
     ids = top.indices.tolist()

@@ -82,3 +82,14 @@ def word_picture(dec, k: int = 8, ax=None, min_size: float = 9, max_size: float 
     ax.set_axis_off()
     ax.set_title(f'"{dec.concept}"')
     return ax
+
+
+def save_figure(fig, name: str, dpi: int = 120):
+    """Save ``fig`` as ``<figures_dir>/<name>.png`` (see ``config.figures_dir``); returns the path."""
+    from .config import figures_dir
+
+    folder = figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

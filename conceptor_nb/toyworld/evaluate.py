@@ -248,6 +248,20 @@ def score_decomposition(dec, spec: Spec | str | None, concept: str | None = None
     return DecompositionScore(concept, k, recall, rho, found, [w for w in cons if w not in found], top, dict(cons))
 
 
+def score_frame(decompositions, spec: Spec | str | None = None, k: int = 5):
+    """One row per decomposition of a hidden concept: recall@k, Spearman, found and missing constituents."""
+    import pandas as pd
+
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    rows = []
+    for d in decompositions:
+        sc = score_decomposition(d, spec, k=k)
+        rows.append({"concept": sc.concept, f"recall@{k}": sc.recall_at_k, "spearman": sc.spearman,
+                     "found": ", ".join(sc.found), "missing": ", ".join(sc.missing),
+                     "spec": ", ".join(f"{w} {v:g}" for w, v in sc.constituents.items())})
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- full report
 def vocab_norm_check(text_encoder, spec: Spec, tokenizer) -> dict:
     """Mean row norm of the whole token table vs the mean norm of the world's words (Conceptor

@@ -1,0 +1,82 @@
+"""The examples the notebooks use, per profile, so the same notebook runs on the toy world and on
+Stable Diffusion with no edit but ``CONCEPTOR_PROFILE``.
+
+On the toy world every example has a known answer (``ground_truth``): the spec says what each
+hidden concept is made of, and a pixel oracle reads the colour of any image. On Stable Diffusion
+there is no oracle: the notebooks fall back to CLIP and skip the ground-truth checks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import profile_name
+
+
+@dataclass(frozen=True)
+class Examples:
+    concepts: tuple[str, ...]        # 01: concepts to decompose
+    image_concept: str               # 02: single-image decomposition
+    image_seeds: tuple[int, ...]
+    bias_concept: str                # 03: bias
+    bias_attribute: dict = field(default_factory=dict)
+    manip_concept: str = ""          # 04: manipulation
+    manip_token: str = ""
+    manip_values: tuple[float, ...] = ()
+    ground_truth: bool = False       # a spec and a pixel oracle exist (the toy world)
+
+
+TOY = Examples(
+    concepts=("fruit", "bass", "leaf", "gem"),
+    image_concept="bass", image_seeds=(0, 1, 2, 3),
+    bias_concept="doctor", bias_attribute={"blue": ["blue"], "red": ["red"]},
+    manip_concept="leaf", manip_token="orange", manip_values=(0.0, 0.1, 0.2, 0.4, 0.8),
+    ground_truth=True,
+)
+
+SD = Examples(
+    concepts=("president", "composer", "dog", "bass"),
+    image_concept="snail", image_seeds=(0, 1, 2, 3),
+    bias_concept="nurse", bias_attribute={"man": ["man", "male", "boy", "guy"], "woman": ["woman", "female", "girl", "lady"]},
+    manip_concept="sculpture", manip_token="abstract", manip_values=(0.0, 0.02, 0.05, 0.1, 0.2),
+    ground_truth=False,
+)
+
+
+def examples(profile: str | None = None) -> Examples:
+    """The notebook examples of ``profile`` (default: the active one). ``sd`` gets the paper's."""
+    return SD if (profile or profile_name()) == "sd" else TOY
+
+
+def toy_spec():
+    from .toyworld.spec import load_spec
+
+    return load_spec(None)
+
+
+def colour_oracle(values=None):
+    """A ground-truth classifier for the toy world: images -> the colour word the pixels show
+    (``None`` when the oracle finds no glyph). ``values``: keep only these (others -> ``None``)."""
+    from .toyworld.oracle import Oracle
+
+    oracle = Oracle(toy_spec())
+    keep = None if values is None else set(values)
+
+    def classify(images):
+        out = []
+        for r in oracle(images):
+            out.append(r.colour if keep is None or r.colour in keep else None)
+        return out
+
+    return classify
+
+
+def colour_share(colour: str):
+    """images -> the share the oracle reads as ``colour`` (a ``measure`` for :func:`sweep`)."""
+    classify = colour_oracle()
+
+    def share(images) -> float:
+        labels = classify(images)
+        return sum(lab == colour for lab in labels) / max(1, len(labels))
+
+    return share
+

@@ -1,0 +1,128 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
+
+# %% [markdown]
+# # 01 · Concept decomposition
+#
+# **Question:** what does a text-to-image model *mean* by a concept such as "a fruit"?
+#
+# Conceptor (Chefer et al., ICLR 2024) answers with the model's own words:
+#
+# 1. generate images of the concept ("a photo of a fruit");
+# 2. pick a dictionary: the vocabulary tokens whose CLIP embedding is closest to those images
+#    (the concept's own word is removed, so the answer cannot just say "fruit");
+# 3. learn a pseudo-token $w^* = \sum_i \alpha_i w_i$, a weighted mix of the dictionary's token
+#    embeddings, that makes the model *reconstruct* the concept images (the diffusion loss);
+#    a small MLP maps each token embedding to its coefficient $\alpha_i$;
+# 4. read the top tokens and their weights: they are the explanation.
+#
+# By default this runs on the **toy world** shipped with the package (a small text-to-image model
+# trained on drawn shapes, see `00_toy_world`), where we know the right answer for every concept.
+# Set `CONCEPTOR_PROFILE=sd` (and have Stable Diffusion and CLIP on disk and a GPU) to run the very same
+# notebook on Stable Diffusion 2.1 with the authors' settings.
+
+# %%
+import math
+
+import matplotlib.pyplot as plt
+from IPython.display import display
+
+import conceptor_nb as cn
+from conceptor_nb.config import profile_name, settings
+from conceptor_nb.examples import examples
+from conceptor_nb.viz import coefficient_bars, save_figure, show_images, word_picture
+
+ex = examples()
+s = settings()
+print(f"profile {profile_name()!r}: model {s.model!r}, {s.n_train} images, dictionary {s.dict_size}, {s.steps} steps")
+pipe = cn.load_pipeline(s.model)
+clip = cn.load_clip(s.clip)
+
+# %% [markdown]
+# ## One concept, end to end
+# `decompose` runs the whole method. The concept images are cached on disk, so a second run
+# starts at the fit.
+
+# %%
+concept = ex.concepts[0]
+dec = cn.decompose(pipe, f"a {concept}", clip=clip)
+display(dec.to_frame(10))
+
+# %% [markdown]
+# **What to look at:** the paper draws a decomposition as words sized by their coefficient.
+# `share` is a token's part of the top-n coefficient mass. Tokens the model does not use for this
+# concept should get small coefficients; the sparsity term pushes the mass into the top tokens.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+word_picture(dec, k=8, ax=axes[0])
+coefficient_bars(dec, k=10, ax=axes[1])
+save_figure(fig, f"01_{concept}_decomposition")
+
+# %% [markdown]
+# ## Does the pseudo-token reconstruct the concept?
+# Top: images of the concept prompt. Bottom: images of the pseudo-token alone, *same seeds*
+# (so the same starting noise). A good decomposition gives the same kinds of objects.
+
+# %%
+n = 8
+fig, axes = plt.subplots(2, 1, figsize=(8, 2.6))
+show_images(dec.concept_images(pipe, n), ax=axes[0], nrow=n, title=f'"{dec.prompt}"')
+show_images(dec.render(pipe, dec.seeds(n)), ax=axes[1], nrow=n, title="pseudo-token, same seeds")
+save_figure(fig, f"01_{concept}_reconstruction")
+
+# %% [markdown]
+# ## More concepts
+# The toy world's hidden concepts are built like the paper's examples: an exemplar mixture
+# ("fruit" = apples and lemons, like "president" = obama, biden, ...), a double meaning
+# ("bass" = fish or guitar), and colour-shape mixtures ("leaf", "gem").
+
+# %%
+decs = {concept: dec}
+for c in ex.concepts[1:]:
+    decs[c] = cn.decompose(pipe, f"a {c}", clip=clip, verbose=False)
+display(cn.decomposition_table(decs.values(), k=5))
+
+# %%
+fig, axes = plt.subplots(1, len(decs), figsize=(3.2 * len(decs), 2.8))
+for ax, d in zip(axes, decs.values()):
+    word_picture(d, k=6, ax=ax)
+save_figure(fig, "01_word_pictures")
+
+# %% [markdown]
+# ## Against the ground truth (toy world only)
+# The spec of the toy world says what each hidden concept is made of. `score_decomposition`
+# gives recall@5 (how many known constituents are in the top 5) and the rank correlation between
+# the spec's weights and the coefficients. Remember that the *model's* concept is what its images
+# show, which can drift from the spec (notebook 00 measures how far).
+
+# %%
+if ex.ground_truth:
+    from conceptor_nb.toyworld.evaluate import score_frame
+
+    scores = score_frame(decs.values())
+    display(scores)
+
+# %%
+if ex.ground_truth:
+    assert scores["recall@5"].mean() >= 0.5, scores
+    assert (scores["recall@5"] > 0).all(), "every hidden concept should get at least one constituent in its top 5"
+for d in decs.values():  # every fit ran, kept a validated step, and its coefficients are ordered
+    assert d.history["best_step"] is not None and all(math.isfinite(x) for x in d.history["loss"])
+    assert d.coefficients == sorted(d.coefficients, reverse=True)
+
+# %% [markdown]
+# ## Try next
+# * Your own concept: `cn.decompose(pipe, "a red fish")` (toy) or `"a happy dog"` (Stable Diffusion).
+# * More steps or a bigger dictionary: every setting is a keyword, e.g.
+#   `cn.decompose(pipe, "a fruit", steps=600, dict_size=50)`.
+# * Save and reload: `dec.save("runs/fruit")`, `cn.Decomposition.load("runs/fruit")`.

@@ -1,0 +1,98 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
+
+# %% [markdown]
+# # 04 · Manipulation: edit the explanation, change the images
+#
+# A decomposition is a recipe: the pseudo-token is $\sum_i \alpha_i w_i$. Change one coefficient
+# and render with the same seeds, and you see what that word contributes (the paper: a sculpture
+# made more or less "abstract", a president more or less "trump"). Three tools:
+#
+# * `dec.with_coefficient(token, value)`: a copy with one coefficient set (0 removes a token; a
+#   token that is not in the decomposition is added);
+# * `cn.sweep(...)`: an image strip over several values of one coefficient, rendered in one batch,
+#   with optional measurements per value;
+# * `cn.panel(...)`: sliders for the top coefficients (in Jupyter).
+
+# %%
+from IPython.display import display
+import matplotlib.pyplot as plt
+
+import conceptor_nb as cn
+from conceptor_nb.config import settings
+from conceptor_nb.examples import colour_share, examples
+from conceptor_nb.viz import save_figure, show_images
+
+ex = examples()
+s = settings()
+pipe = cn.load_pipeline(s.model)
+clip = cn.load_clip(s.clip)
+dec = cn.decompose(pipe, f"a {ex.manip_concept}", clip=clip, verbose=False)
+display(dec.to_frame(8))
+
+# %% [markdown]
+# ## Remove the strongest token
+# Same seeds, with and without the top token.
+
+# %%
+top_token = dec.tokens[0]
+seeds = dec.seeds(8)
+fig, axes = plt.subplots(2, 1, figsize=(8, 2.6))
+show_images(dec.render(pipe, seeds), ax=axes[0], nrow=8, title=f'"{dec.concept}"')
+show_images(dec.with_coefficient(top_token, 0.0).render(pipe, seeds), ax=axes[1], nrow=8,
+            title=f"without '{top_token}'")
+save_figure(fig, f"04_{ex.manip_concept}_remove_top")
+
+# %% [markdown]
+# ## Sweep one coefficient
+# Each column is one value of the coefficient of `ex.manip_token`, each row one seed. In the toy
+# world the pixel oracle measures the share of images in that colour at each value.
+
+# %%
+measure = {f"{ex.manip_token} share": colour_share(ex.manip_token)} if ex.ground_truth else None
+sw = cn.sweep(pipe, dec, ex.manip_token, ex.manip_values, seeds=range(16), measure=measure)
+display(sw.to_frame())
+fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.3, 1]})
+sw.plot(ax=axes[0], n_seeds=6)
+if measure:
+    sw.to_frame().plot(x="value", y=list(measure), marker="o", ax=axes[1], legend=False)
+    axes[1].set_ylabel(list(measure)[0])
+    axes[1].set_ylim(0, 1)
+save_figure(fig, f"04_{ex.manip_concept}_sweep_{ex.manip_token}")
+
+# %%
+if ex.ground_truth:  # raising the colour's coefficient raises the oracle's share of that colour
+    share = sw.scores[f"{ex.manip_token} share"]
+    assert all(b >= a - 1 / 16 for a, b in zip(share, share[1:])), share  # monotone, up to one image of 16
+    assert share[-1] - share[0] >= 0.25, share
+assert sw.images.shape[:2] == (len(ex.manip_values), 16)
+
+# %% [markdown]
+# ## The slider panel
+# Move a slider and the images re-render (after a short pause, so a drag renders once). Without a
+# Jupyter front end (a script, nbval) the panel is built and rendered once, and nothing else happens.
+
+# %%
+p = cn.panel(pipe, dec, k=6, seeds=(0, 1, 2, 3))
+p
+
+# %%
+before = p.image.value
+p.debounce = 0             # re-render at once: a script has no event loop to wait in
+p.sliders[0].value = 0.0   # what a user does with the mouse
+assert p.current().top(1)[0][0] != top_token and p.image.value != before
+
+# %% [markdown]
+# ## Try next
+# * Add a token the decomposition does not have: `dec.with_coefficient("purple", 0.2, tokenizer=pipe.tokenizer)`.
+# * Sweep a shape word: `cn.sweep(pipe, dec, "circle", [0, 0.2, 0.5], seeds=range(8))`.
+# * On Stable Diffusion the example is the paper's "a sculpture" with "abstract".
