@@ -21,7 +21,7 @@ class Examples:
     bias_attribute: dict = field(default_factory=dict)
     manip_concept: str = ""          # 04: manipulation
     manip_token: str = ""
-    manip_values: tuple[float, ...] = ()
+    manip_values: tuple[float, ...] = ()   # multiples of the decomposition's top-n coefficient mass
     ground_truth: bool = False       # a spec and a pixel oracle exist (the toy world)
 
 
@@ -29,7 +29,7 @@ TOY = Examples(
     concepts=("fruit", "bass", "leaf", "gem"),
     image_concept="bass", image_seeds=(0, 1, 2, 3),
     bias_concept="doctor", bias_attribute={"blue": ["blue"], "red": ["red"]},
-    manip_concept="leaf", manip_token="orange", manip_values=(0.0, 0.1, 0.2, 0.4, 0.8),
+    manip_concept="leaf", manip_token="orange", manip_values=(0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
     ground_truth=True,
 )
 
@@ -37,7 +37,7 @@ SD = Examples(
     concepts=("president", "composer", "dog", "bass"),
     image_concept="snail", image_seeds=(0, 1, 2, 3),
     bias_concept="nurse", bias_attribute={"man": ["man", "male", "boy", "guy"], "woman": ["woman", "female", "girl", "lady"]},
-    manip_concept="sculpture", manip_token="abstract", manip_values=(0.0, 0.02, 0.05, 0.1, 0.2),
+    manip_concept="sculpture", manip_token="abstract", manip_values=(0.0, 0.1, 0.25, 0.5, 1.0),
     ground_truth=False,
 )
 

@@ -54,13 +54,13 @@ class ImageExplanation:
         if len(axes) == 1 and len(panels) > 1:  # one axes given: draw the row as one strip
             from .viz import image_grid
 
-            axes[0].imshow(image_grid(torch.stack([p for p, _ in panels]), nrow=len(panels)))
+            axes[0].imshow(image_grid(torch.stack([p for p, _ in panels]), nrow=len(panels)), interpolation="nearest")
             axes[0].set_axis_off()
             if titles:
                 axes[0].set_title(" | ".join(t for _, t in panels), fontsize=8)
             return axes[0]
         for a, (img, title) in zip(axes, panels):
-            a.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+            a.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
             a.set_axis_off()
             if titles:
                 a.set_title(title, fontsize=9)

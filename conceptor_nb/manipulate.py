@@ -87,7 +87,7 @@ class Sweep:
         imgs = self.images[:, :k].transpose(0, 1).reshape(-1, *self.images.shape[2:])
         if ax is None:
             _, ax = plt.subplots(figsize=(1.2 * len(self.values) + 1, 1.2 * k + 0.6))
-        ax.imshow(image_grid(imgs, nrow=len(self.values)))
+        ax.imshow(image_grid(imgs, nrow=len(self.values)), interpolation="nearest")
         h = self.images.shape[-1] + 2
         ax.set_xticks([2 + h * i + h / 2 - 1 for i in range(len(self.values))], [f"{v:.3g}" for v in self.values])
         ax.set_yticks([])

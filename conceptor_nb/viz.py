@@ -39,7 +39,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upsc
 
 def show_images(images: torch.Tensor, ax=None, nrow: int | None = None, title: str | None = None):
     ax = _ax(ax, (4, 4))
-    ax.imshow(image_grid(images, nrow=nrow))
+    ax.imshow(image_grid(images, nrow=nrow), interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title)

@@ -54,12 +54,16 @@ save_figure(fig, f"04_{ex.manip_concept}_remove_top")
 
 # %% [markdown]
 # ## Sweep one coefficient
-# Each column is one value of the coefficient of `ex.manip_token`, each row one seed. In the toy
-# world the pixel oracle measures the share of images in that colour at each value.
+# Each column is one value of the coefficient of `ex.manip_token`, each row one seed. The values
+# are multiples of the decomposition's total top-token mass (0 = absent, 1 = as heavy as all the
+# other tokens together). In the toy world the pixel oracle measures the share of images in that
+# colour at each value.
 
 # %%
+mass = sum(c for _, c in dec.top())
+values = [v * mass for v in ex.manip_values]
 measure = {f"{ex.manip_token} share": colour_share(ex.manip_token)} if ex.ground_truth else None
-sw = cn.sweep(pipe, dec, ex.manip_token, ex.manip_values, seeds=range(16), measure=measure)
+sw = cn.sweep(pipe, dec, ex.manip_token, values, seeds=range(16), measure=measure)
 display(sw.to_frame())
 fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.3, 1]})
 sw.plot(ax=axes[0], n_seeds=6)
