@@ -70,11 +70,15 @@ def word_picture(dec, k: int = 8, ax=None, min_size: float = 9, max_size: float 
     rnd = random.Random(0)
     n = len(top)
     cols = math.ceil(math.sqrt(2 * n))
+    col_pts = ax.get_position().width * ax.figure.get_figwidth() * 72 / cols
+    # one common factor, so that every word fits its column and sizes stay proportional
+    wanted = [(min_size + (max_size - min_size) * c / hi) * 0.65 * max(3, len(t)) for t, c in top]
+    shrink = min(1.0, col_pts / max(wanted))
     for i, (token, c) in enumerate(top):
         r, col = divmod(i, cols)
         x = (col + 0.5) / cols + rnd.uniform(-0.04, 0.04)
         y = 1 - (r + 0.5) / math.ceil(n / cols) + rnd.uniform(-0.05, 0.05)
-        size = min_size + (max_size - min_size) * c / hi
+        size = (min_size + (max_size - min_size) * c / hi) * shrink
         ax.text(x, y, token, fontsize=size, ha="center", va="center", color=f"C{i % 10}",
                 fontweight="bold" if i < 3 else "normal")
     ax.set_xlim(0, 1)
