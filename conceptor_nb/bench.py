@@ -118,20 +118,13 @@ def toy_available() -> bool:
 
 def build_pipeline(model: str, device):
     """The model's pipeline in float32 on ``device``, every parameter frozen, in eval mode."""
-    from .models import load_pipeline
+    from .models import load_pipeline, prepare_pipeline
 
     if model in ("tiny", "toy"):
         return load_pipeline(model, device=device, dtype=torch.float32)
     if model != "sd-shapes":
         raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
-    pipe = sd_shapes_pipeline()
-    pipe.conceptor_model = "sd-shapes"
-    pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return prepare_pipeline(sd_shapes_pipeline(), "sd-shapes", device, torch.float32)
 
 
 def profile_for(model: str):
@@ -260,6 +253,8 @@ def floor_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor):
     """One step of the floor: UNet forward + backward to a fixed leaf conditioning, the fit's sampling."""
     from diffusers import DDPMScheduler
 
+    from .decompose import sample_batch
+
     pipe = ctx["pipe"]
     unet = pipe.unet
     cond = torch.randn(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, device=device,
@@ -270,11 +265,7 @@ def floor_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor):
     b = latents.shape[1]
 
     def step():
-        pick = torch.randint(0, latents.shape[1], (b,), generator=gen)
-        side = torch.randint(0, latents.shape[0], (b,), generator=gen)
-        x0 = latents[side, pick]
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
+        x0, noise, t = sample_batch(latents, b, gen, sched.config.num_train_timesteps, device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with _autocast(device, dtype):
@@ -373,7 +364,7 @@ def ours_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor, fs):
     """The fit's step rebuilt from decompose.py's pieces, in the same order as ``fit``'s loop body."""
     from diffusers import DDPMScheduler
 
-    from .decompose import CoefficientMLP, combine, diffusion_loss, vocab_norm
+    from .decompose import CoefficientMLP, combine, diffusion_loss, sample_batch, vocab_norm
     from .inject import template_prompt, tokenize
 
     pipe = ctx["pipe"]
@@ -391,11 +382,7 @@ def ours_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor, fs):
     b = min(fs.batch_size, latents.shape[1])
 
     def step():
-        pick = torch.randint(0, latents.shape[1], (b,), generator=gen)
-        side = torch.randint(0, latents.shape[0], (b,), generator=gen)
-        x0 = latents[side, pick]
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
+        x0, noise, t = sample_batch(latents, b, gen, sched.config.num_train_timesteps, device)
         with _autocast(device, dtype):
             alpha = mlp(emb)
             w = combine(alpha, emb, norm)

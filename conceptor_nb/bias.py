@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 
 from .decompose import Decomposition
-from .images import concept_images
 from .results import load_result, save_result
 
 Classifier = Callable[[torch.Tensor], list]
@@ -154,11 +153,9 @@ def detect_bias(pipe, dec: Decomposition, attribute: dict, *, clip=None, images:
         from .models import load_clip
 
         clip = load_clip(dec.clip or "toy", device=pipe.device)
-    s = dec.settings
     if images is None:
-        images = concept_images(pipe, dec.prompt, n or s.get("n_train", 32), s.get("seed", 0) if seed is None else seed,
-                                steps=s.get("gen_steps", 50), guidance=s.get("guidance", 7.5),
-                                sampler=s.get("gen_scheduler", "dpm"), cache_dir=cache_dir, verbose=verbose)
+        images = dec.concept_images(pipe, n or dec.settings.get("n_train", 32), seed=seed, cache_dir=cache_dir,
+                                    verbose=verbose)
     labels = zero_shot_classifier(clip, attribute, class_template)(images)
     return _report(dec.concept, list(attribute), coefficient_mass(dec, attribute), labels,
                    oracle(images) if oracle is not None else None, {"attribute": attribute, "class_template": class_template})

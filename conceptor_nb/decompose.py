@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import Settings, settings_for_model
-from .dictionary import Dictionary, build_dictionary, concept_word, token_text
+from .dictionary import Dictionary, build_dictionary, concept_word
 from .images import concept_images, concept_prompt, generate
 from .inject import pseudo_token, tokenize, template_prompt
 from .models import model_name
@@ -128,11 +128,14 @@ class Decomposition:
             desc="rendering the pseudo-token",
         )
 
-    def concept_images(self, pipe, n: int | None = None, *, cache_dir=None, verbose: bool = False) -> torch.Tensor:
+    def concept_images(self, pipe, n: int | None = None, *, seed: int | None = None, cache_dir=None,
+                       verbose: bool = False) -> torch.Tensor:
         """The first ``n`` images the decomposition was trained on (seeds ``seed, seed+1, ...``; from
-        the cache when they are there), so ``render(pipe, range(seed, seed + n))`` pairs with them."""
+        the cache when they are there), so ``render(pipe, range(seed, seed + n))`` pairs with them.
+        ``seed``: start elsewhere (other images of the concept, same generation settings)."""
         s = self.settings
-        return concept_images(pipe, self.prompt, n or s.get("n_train", 8), s.get("seed", 0), steps=s.get("gen_steps", 50),
+        seed = s.get("seed", 0) if seed is None else seed
+        return concept_images(pipe, self.prompt, n or s.get("n_train", 8), seed, steps=s.get("gen_steps", 50),
                               guidance=s.get("guidance", 7.5), sampler=s.get("gen_scheduler", "dpm"),
                               cache_dir=cache_dir, verbose=verbose)
 
@@ -285,6 +288,17 @@ def diffusion_loss(pipe, w: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
     return F.mse_loss(pred.float(), target)
 
 
+def sample_batch(latents: torch.Tensor, b: int, gen: torch.Generator, n_timesteps: int, device):
+    """A training batch from cached latents (2, N, ...) = (original, flipped): ``b`` random images, each
+    original or flipped, with noise and timesteps, all drawn from ``gen`` (CPU) in a fixed order."""
+    pick = torch.randint(0, latents.shape[1], (b,), generator=gen)
+    side = torch.randint(0, latents.shape[0], (b,), generator=gen)
+    x0 = latents[side, pick]
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.randint(0, n_timesteps, (b,), generator=gen).to(device)
+    return x0, noise, t
+
+
 def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_images=None, rescale: bool = True,
         verbose: bool = True) -> tuple[torch.Tensor, dict]:
     """Train the coefficient MLP; returns the coefficients of the best validation step and the history."""
@@ -342,12 +356,7 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
         bar = tqdm(range(1, s.steps + 1), desc="fitting", disable=not verbose, leave=False)
         for step in bar:
             ts = time.perf_counter()
-            b = min(s.batch_size, latents.shape[1])
-            pick = torch.randint(0, latents.shape[1], (b,), generator=gen)
-            side = torch.randint(0, latents.shape[0], (b,), generator=gen)
-            x0 = latents[side, pick]
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            t = torch.randint(0, n_train_t, (b,), generator=gen).to(device)
+            x0, noise, t = sample_batch(latents, min(s.batch_size, latents.shape[1]), gen, n_train_t, device)
             alpha = mlp(embeddings)
             w = combine(alpha, embeddings, norm)
             rec = diffusion_loss(pipe, w, x0, noise, t, ids_prompt, s.template, prediction, alphas_cumprod)

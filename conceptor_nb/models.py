@@ -83,6 +83,11 @@ def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | N
             )
         except (OSError, ValueError, EnvironmentError) as err:
             raise _offline_hint(name, err) from err
+    return prepare_pipeline(pipe, name, device, dtype)
+
+
+def prepare_pipeline(pipe, name: str, device, dtype: torch.dtype):
+    """Name, move and freeze a pipeline (eval mode, no gradients, no progress bars) for Conceptor."""
     pipe.conceptor_model = name  # the short name or path it was loaded from ('toy', 'tiny', ...)
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
