@@ -26,11 +26,13 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
         g.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help=help_)
     for name, help_ in [("guidance", "guidance scale"), ("lr", "learning rate"), ("sparsity", "sparsity lambda")]:
         g.add_argument("--" + name, type=float, dest=name, help=help_)
+    g.add_argument("--autocast", choices=["off", "bf16", "auto"],
+                   help="precision of the fit's model passes (auto: bf16 where the hardware computes it natively)")
 
 
 def _overrides(args) -> dict:
     names = ["n_train", "n_val", "gen_steps", "dict_size", "n_tokens", "steps", "batch_size", "val_every",
-             "val_steps", "seed", "guidance", "lr", "sparsity"]
+             "val_steps", "seed", "guidance", "lr", "sparsity", "autocast"]
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 

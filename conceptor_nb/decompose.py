@@ -7,10 +7,12 @@ coefficient, so that the pseudo-token w* = sum_i alpha_i w_i, put into
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -272,10 +274,14 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
 
 
 def diffusion_loss(pipe, w: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   ids_prompt: torch.Tensor, template: str, prediction: str, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+                   ids_prompt: torch.Tensor, template: str, prediction: str, alphas_cumprod: torch.Tensor,
+                   amp: torch.dtype | None = None) -> torch.Tensor:
     """MSE between the UNet's prediction and the epsilon or v target, with ``w`` in the prompt.
 
     The prompt is encoded once (not once per batch item) and shared by the batch.
+    ``amp``: autocast the UNet pass to this dtype. The text encoder stays in its
+    own dtype: it costs little time, and autocast's low-precision copies of its
+    weights (kept for backward) would cost more memory than its activations.
     """
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -284,8 +290,51 @@ def diffusion_loss(pipe, w: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
         cond = pipe.text_encoder(ids_prompt)[0]
     cond = cond.expand(x0.shape[0], -1, -1)
     unet = pipe.unet
-    pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    dtype = next(unet.parameters()).dtype  # (diffusers' unet.dtype walks every submodule: ~1 ms a call)
+    with autocast_to(x0.device, amp):
+        pred = unet(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
     return F.mse_loss(pred.float(), target)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16; Linux only)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def fit_autocast_dtype(device, mode: str | None, weight_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the fit's UNet pass autocasts to, or None (the weights' own dtype).
+
+    ``mode``: ``"off"``, ``"bf16"``, or ``"auto"`` (bf16 when the weights are float32 and the
+    device computes bf16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16/AMX).
+    """
+    mode = "off" if mode in (None, "", "fp32") else mode
+    if mode not in ("off", "bf16", "auto"):
+        raise ValueError(f"autocast must be 'off', 'bf16' or 'auto', got {mode!r}")
+    dev = torch.device(device)
+    if mode == "off":
+        return None
+    if dev.type not in ("cpu", "cuda"):
+        if mode == "bf16":
+            raise ValueError(f"bf16 autocast is supported on cpu and cuda, not on {dev.type}")
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if weight_dtype != torch.float32:
+        return None
+    native = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_native_bf16()
+    return torch.bfloat16 if native else None
+
+
+def autocast_to(device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device``'s type to ``dtype``; a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def sample_batch(latents: torch.Tensor, b: int, gen: torch.Generator, n_timesteps: int, device):
@@ -323,6 +372,7 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
         raise ValueError(f"the scheduler's prediction_type {prediction!r} is not supported (epsilon or v_prediction)")
     n_train_t = noise_sched.config.num_train_timesteps
     alphas_cumprod = noise_sched.alphas_cumprod.to(device)
+    amp = fit_autocast_dtype(device, s.autocast, unet.dtype)  # the UNet pass only (see diffusion_loss)
 
     t0 = time.perf_counter()
     latents = encode_latents(pipe, images).float()
@@ -359,7 +409,7 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
             x0, noise, t = sample_batch(latents, min(s.batch_size, latents.shape[1]), gen, n_train_t, device)
             alpha = mlp(embeddings)
             w = combine(alpha, embeddings, norm)
-            rec = diffusion_loss(pipe, w, x0, noise, t, ids_prompt, s.template, prediction, alphas_cumprod)
+            rec = diffusion_loss(pipe, w, x0, noise, t, ids_prompt, s.template, prediction, alphas_cumprod, amp)
             top = torch.topk(alpha.detach(), n_top).indices
             sparse = 1 - F.cosine_similarity(alpha[top] @ embeddings[top], alpha @ embeddings, dim=0)
             loss = rec + s.sparsity * sparse
@@ -385,6 +435,7 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
     history["best_step"] = best[1]
     history["best_score"] = best[0]
     fit_time = sum(step_times)
+    history["autocast"] = str(amp).replace("torch.", "") if amp is not None else "off"
     history["timings"] = {"encode_s": enc_time, "fit_s": time.perf_counter() - t0,
                           "step_ms": 1000 * fit_time / max(1, len(step_times)),
                           "validation_s": time.perf_counter() - t0 - enc_time - fit_time}

@@ -1,5 +1,6 @@
 """The core method on a tiny random SD-shaped pipeline (CPU, offline, seconds)."""
 import hashlib
+import importlib
 import json
 import math
 
@@ -62,6 +63,39 @@ def test_v_prediction_pipeline_fits():
     coef, hist = fit(pipe, images, [320, 1929, 2368], FAST.replace(val_every=0, n_tokens=2), verbose=False)
     assert coef.shape == (3,) and all(math.isfinite(x) for x in hist["loss"])
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_fit_in_bf16_autocast_stays_close_to_float32(tiny_pipe):
+    from conceptor_nb.decompose import fit
+
+    images = torch.rand(3, 3, 32, 32)
+    ids = [320, 1929, 2368, 4276, 1125, 539]
+    s = FAST.replace(val_every=0, n_tokens=3, steps=4)
+    c32, h32 = fit(tiny_pipe, images, ids, s, verbose=False)
+    c16, h16 = fit(tiny_pipe, images, ids, s.replace(autocast="bf16"), verbose=False)
+    assert h32["autocast"] == "off" and h16["autocast"] == "bfloat16"
+    assert c16.dtype == torch.float32  # the MLP and its coefficients stay float32
+    assert not torch.equal(c16, c32)  # the model passes did run in bf16 ...
+    torch.testing.assert_close(c16, c32, rtol=2e-2, atol=1e-4)  # ... and barely moved the coefficients
+    assert all(math.isfinite(x) for x in h16["loss"])
+
+
+def test_autocast_modes(monkeypatch):
+    dmod = importlib.import_module("conceptor_nb.decompose")  # the package exports the function
+
+    f = dmod.fit_autocast_dtype
+    assert f("cpu", "off", torch.float32) is None and f("cpu", None, torch.float32) is None
+    assert f("cpu", "bf16", torch.float32) == torch.bfloat16
+    monkeypatch.setattr(dmod, "cpu_has_native_bf16", lambda: True)
+    assert f("cpu", "auto", torch.float32) == torch.bfloat16
+    assert f("cpu", "auto", torch.float16) is None  # half weights already: nothing to autocast
+    monkeypatch.setattr(dmod, "cpu_has_native_bf16", lambda: False)
+    assert f("cpu", "auto", torch.float32) is None  # emulated bf16 would be slower
+    assert f("mps", "auto", torch.float32) is None
+    with pytest.raises(ValueError, match="autocast must be"):
+        f("cpu", "fp16-please", torch.float32)
+    with pytest.raises(ValueError, match="not on mps"):
+        f("mps", "bf16", torch.float32)
 
 
 def test_gradient_reaches_the_mlp_and_not_the_model(tiny_pipe):
