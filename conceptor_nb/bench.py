@@ -263,6 +263,10 @@ class Memory:
             self.rss_method = "ru_maxrss (peak since process start)"
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
+    def peak_so_far_mib(self) -> float | None:
+        """Since ``reset()``, outside a profiled step: CUDA's peak allocated, or the CPU's peak RSS."""
+        return self.peak_mib() if self.cuda else self.rss_peak_mib()
+
     def peak_mib(self) -> float | None:
         if self.cuda:
             torch.cuda.synchronize()
@@ -289,10 +293,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _amp(dtype: str) -> torch.dtype | None:
+    """The autocast dtype of a variant's ``dtype`` name ('bf16' or 'fp32')."""
+    return torch.bfloat16 if dtype == "bf16" else None
+
+
 def _autocast(device: torch.device, dtype: str):
     from .decompose import autocast_to
 
-    return autocast_to(device, torch.bfloat16 if dtype == "bf16" else None)
+    return autocast_to(device, _amp(dtype))
 
 
 # -- one variant (runs in a worker) ---------------------------------------------------------------------
@@ -441,7 +450,7 @@ def bench_ours(ctx: dict, device, dtype: str, steps: int, warmup: int, mem: Memo
         peak_encode = {}
 
         def first():  # encode_latents is done: take its peak, then measure the steps only
-            peak_encode["mib"] = mem.rss_peak_mib() if not mem.cuda else mem.peak_mib()
+            peak_encode["mib"] = mem.peak_so_far_mib()
             mem.reset()
 
         # one more step than timed: the last one is profiled for memory (CPU), not timed
@@ -467,7 +476,7 @@ def ours_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor, fs):
     """The fit's step rebuilt from decompose.py's pieces, in the same order as ``fit``'s loop body."""
     from diffusers import DDPMScheduler
 
-    from .decompose import CoefficientMLP, combine, diffusion_loss, sample_batch, vocab_norm
+    from .decompose import CoefficientMLP, sample_batch, step_loss, vocab_norm
     from .inject import template_prompt, tokenize
 
     pipe = ctx["pipe"]
@@ -485,14 +494,9 @@ def ours_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor, fs):
     b = min(fs.batch_size, latents.shape[1])
 
     def step():
-        x0, noise, t = sample_batch(latents, b, gen, sched.config.num_train_timesteps, device)
-        alpha = mlp(emb)
-        w = combine(alpha, emb, norm)
-        rec = diffusion_loss(pipe, w, x0, noise, t, ids_prompt, fs.template, sched.config.prediction_type, alphas,
-                             torch.bfloat16 if dtype == "bf16" else None)  # the UNet pass autocast, as in fit
-        top = torch.topk(alpha.detach(), n_top).indices
-        sparse = 1 - F.cosine_similarity(alpha[top] @ emb[top], alpha @ emb, dim=0)
-        loss = rec + fs.sparsity * sparse
+        batch = sample_batch(latents, b, gen, sched.config.num_train_timesteps, device)
+        loss, rec, sparse = step_loss(pipe, mlp, emb, norm, n_top, batch, ids_prompt, fs.template,
+                                      sched.config.prediction_type, alphas, fs.sparsity, _amp(dtype))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -507,7 +511,7 @@ def _bench_ours_replica(ctx, device, dtype, steps, warmup, mem, fs) -> dict:
     t0 = time.perf_counter()
     latents = _latents(ctx)
     encode_s = time.perf_counter() - t0
-    encode_peak = mem.rss_peak_mib() if not mem.cuda else mem.peak_mib()
+    encode_peak = mem.peak_so_far_mib()
     step = ours_stepper(ctx, device, dtype, latents, fs)
     mem.reset()
     times = _timed(step, warmup + steps, device)

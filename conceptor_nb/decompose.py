@@ -348,6 +348,22 @@ def sample_batch(latents: torch.Tensor, b: int, gen: torch.Generator, n_timestep
     return x0, noise, t
 
 
+def step_loss(pipe, mlp, embeddings: torch.Tensor, norm: float | None, n_top: int, batch, ids_prompt: torch.Tensor,
+              template: str, prediction: str, alphas_cumprod: torch.Tensor, sparsity: float,
+              amp: torch.dtype | None = None):
+    """One fit step's loss on ``batch = (x0, noise, t)``: (total, reconstruction, sparsity term).
+
+    The sparsity term is 1 - cos(w of the top ``n_top`` tokens, w of all of them).
+    """
+    x0, noise, t = batch
+    alpha = mlp(embeddings)
+    w = combine(alpha, embeddings, norm)
+    rec = diffusion_loss(pipe, w, x0, noise, t, ids_prompt, template, prediction, alphas_cumprod, amp)
+    top = torch.topk(alpha.detach(), n_top).indices
+    sparse = 1 - F.cosine_similarity(alpha[top] @ embeddings[top], alpha @ embeddings, dim=0)
+    return rec + sparsity * sparse, rec, sparse
+
+
 def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_images=None, rescale: bool = True,
         verbose: bool = True) -> tuple[torch.Tensor, dict]:
     """Train the coefficient MLP; returns the coefficients of the best validation step and the history."""
@@ -406,13 +422,9 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
         bar = tqdm(range(1, s.steps + 1), desc="fitting", disable=not verbose, leave=False)
         for step in bar:
             ts = time.perf_counter()
-            x0, noise, t = sample_batch(latents, min(s.batch_size, latents.shape[1]), gen, n_train_t, device)
-            alpha = mlp(embeddings)
-            w = combine(alpha, embeddings, norm)
-            rec = diffusion_loss(pipe, w, x0, noise, t, ids_prompt, s.template, prediction, alphas_cumprod, amp)
-            top = torch.topk(alpha.detach(), n_top).indices
-            sparse = 1 - F.cosine_similarity(alpha[top] @ embeddings[top], alpha @ embeddings, dim=0)
-            loss = rec + s.sparsity * sparse
+            batch = sample_batch(latents, min(s.batch_size, latents.shape[1]), gen, n_train_t, device)
+            loss, rec, sparse = step_loss(pipe, mlp, embeddings, norm, n_top, batch, ids_prompt, s.template,
+                                          prediction, alphas_cumprod, s.sparsity, amp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
