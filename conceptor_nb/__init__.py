@@ -8,7 +8,7 @@ One function per stage::
 """
 from .bias import BiasReport, Mitigation, detect_bias, mitigate_bias
 from .config import Settings, settings
-from .decompose import Decomposition, decompose, decomposition_table
+from .conceptor import Decomposition, decompose, decomposition_table
 from .dictionary import Dictionary, build_dictionary
 from .explain import ImageExplanation, explain_image
 from .errors import CacheError, ConceptorError, ModelNotFoundError

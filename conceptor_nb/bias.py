@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .decompose import Decomposition
+from .conceptor import Decomposition
 from .results import load_result, save_result
 
 Classifier = Callable[[torch.Tensor], list]

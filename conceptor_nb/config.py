@@ -3,7 +3,7 @@
 ``CONCEPTOR_PROFILE`` picks the model and the sizes every stage uses when a
 caller does not pass them:
 
-* ``toy`` (default): the shipped toy world (``data/toyworld``), sizes that run
+* ``toy`` (default): the shipped toy world (``conceptor_nb/data/toyworld``), sizes that run
   on a laptop CPU in about a minute per concept.
 * ``ci``: the toy world with fewer images and steps, for notebooks under CI.
 * ``sd``: Stable Diffusion 2.1-base with CLIP ViT-B/32 and the authors'
@@ -22,7 +22,7 @@ ENV_PROFILE = "CONCEPTOR_PROFILE"
 ENV_CACHE = "CONCEPTOR_CACHE"
 ENV_DATA = "CONCEPTOR_DATA"
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"  # shipped inside the package (wheel included)
 
 # The 27 templates the authors average over when embedding a vocabulary token
 # with CLIP (the "imagenet_templates_small" list of textual inversion).
@@ -130,17 +130,17 @@ def settings_for_model(model: str | None) -> Settings:
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get(ENV_DATA, REPO_ROOT / "data"))
+    """The toy world and the CLIP tokenizer: the package's own ``data/`` (``CONCEPTOR_DATA`` overrides)."""
+    return Path(os.environ.get(ENV_DATA, PACKAGE_DATA))
 
 
 def figures_dir() -> Path:
-    """Where notebooks save figures: ``figures/`` of the repository, but not under the ci profile
-    (a test run must not overwrite the committed figures); ``CONCEPTOR_FIGURES`` overrides."""
+    """Where notebooks save figures: ``CONCEPTOR_FIGURES`` if set (``scripts/make_figures.py`` sets it to
+    the repository's ``figures/``), else ``figures/<profile>`` in the cache, so that no run writes into
+    the source tree by default."""
     if os.environ.get("CONCEPTOR_FIGURES"):
         return Path(os.environ["CONCEPTOR_FIGURES"])
-    if profile_name() == "ci":
-        return cache_dir() / "figures"
-    return REPO_ROOT / "figures"
+    return cache_dir() / "figures" / profile_name()
 
 
 def cache_dir() -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decompose import Decomposition, combine
+from .conceptor import Decomposition, combine
 from .images import generate
 from .inject import template_prompt
 from .results import load_result, save_result

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from .config import data_dir
+from .tiny import clip_tokenizer
 from .errors import ModelNotFoundError
 
 TOY_HINT = (
     "The toy world is not in {path}. Train it with "
-    "`python -m conceptor_nb.toyworld.train --spec data/toyworld/spec.json --out data/toyworld`, "
+    "`python -m conceptor_nb.toyworld.train --spec conceptor_nb/data/toyworld/spec.json --out conceptor_nb/data/toyworld`, "
     "or use --model tiny (random weights) or a Stable Diffusion checkpoint."
 )
 
@@ -77,9 +78,10 @@ def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | N
         pipe = tiny_pipeline(seed=seed)
     else:
         path = _toy_path("pipeline") if name == "toy" else name
+        extra = {"tokenizer": clip_tokenizer()} if name == "toy" else {}  # one tokenizer copy is shipped
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+                path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra
             )
         except (OSError, ValueError, EnvironmentError) as err:
             raise _offline_hint(name, err) from err
@@ -173,11 +175,12 @@ def load_clip(name_or_path: str = "toy", device=None, dtype: torch.dtype | None 
         path = _toy_path("clip") if name == "toy" else name
         try:
             model = CLIPModel.from_pretrained(path)
-            tokenizer = CLIPTokenizer.from_pretrained(path)
+            tokenizer = clip_tokenizer() if name == "toy" else CLIPTokenizer.from_pretrained(path)
         except (OSError, ValueError, EnvironmentError) as err:
             raise _offline_hint(name, err) from err
     model.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
-    mean, std, size = _image_norm(name_or_path, model)
+    # the resolved folder, not the short name: the toy CLIP's own mean/std are in its preprocessor_config.json
+    mean, std, size = _image_norm(_toy_path("clip") if name == "toy" else name, model)
     return Clip(model, tokenizer, name, size, torch.tensor(mean), torch.tensor(std))
 
 

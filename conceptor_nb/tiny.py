@@ -1,7 +1,7 @@
 """A tiny, random, Stable-Diffusion-shaped pipeline and CLIP, built from config.
 
 Meaningless weights: for tests and for trying the command line before the toy
-world is there. The tokenizer is the real CLIP one (``data/clip_tokenizer``).
+world is there. The tokenizer is the real CLIP one (``conceptor_nb/data/clip_tokenizer``).
 """
 from __future__ import annotations
 

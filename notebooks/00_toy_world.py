@@ -19,7 +19,7 @@
 # real CLIP, both trained from scratch on it. Conceptor treats them exactly like Stable Diffusion
 # and CLIP.
 #
-# Because we wrote the world, we know the right answer: the spec (`data/toyworld/spec.json`)
+# Because we wrote the world, we know the right answer: the spec (`conceptor_nb/data/toyworld/spec.json`)
 # defines *hidden concepts* whose images are mixtures of other words ("fruit" = 60% apples,
 # 40% lemons), and a pixel oracle reads the colour and shape of any image. This notebook shows the
 # world, the model's images, and how faithful the model is to the spec. It always uses the toy
@@ -103,4 +103,4 @@ assert sum(agree.values()) / len(agree) > 0.3  # well above chance (1 in 10 glyp
 # ## Try next
 # * `python -m conceptor_nb.toyworld.evaluate` prints the full quality report.
 # * `python -m conceptor_nb.toyworld.train --spec my_world.json --out my_world/` trains a model
-#   on a world of your own (see `data/toyworld/README.md`).
+#   on a world of your own (see `conceptor_nb/data/toyworld/README.md`).

@@ -1,7 +1,7 @@
 """Convert the CLIP BPE file shipped in the open_clip_torch wheel into the
 vocab.json / merges.txt pair that transformers' CLIPTokenizer reads.
 
-The result is committed under data/clip_tokenizer/, so nobody needs to run this
+The result is committed under conceptor_nb/data/clip_tokenizer/, so nobody needs to run this
 again; it is here so the conversion can be checked and repeated:
 
     pip download open_clip_torch==3.3.0 --no-deps -d /tmp/oc
@@ -54,7 +54,7 @@ def convert(bpe_text: str, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("wheel", help="open_clip_torch wheel (or the .txt.gz itself)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "conceptor_nb" / "data" / "clip_tokenizer"))
     args = ap.parse_args()
     src = Path(args.wheel)
     if src.suffix == ".whl":

@@ -9,7 +9,7 @@ from conceptor_nb import (BiasReport, Decomposition, ImageExplanation, Mitigatio
                           explain_image, mitigate_bias, panel, set_coefficient, sweep)
 from conceptor_nb.bias import coefficient_mass, wilson
 from conceptor_nb.config import TINY
-from conceptor_nb.decompose import combine
+from conceptor_nb.conceptor import combine
 
 FAST = TINY.replace(n_train=4, n_val=2, gen_steps=3, dict_size=32, n_tokens=5, steps=4, val_every=2, val_steps=2)
 

@@ -9,7 +9,7 @@ import torch
 
 from conceptor_nb import Decomposition, build_dictionary, concept_images, decompose, generate, load_pipeline
 from conceptor_nb.config import TINY
-from conceptor_nb.decompose import CoefficientMLP, combine, diffusion_loss, encode_latents, vocab_norm
+from conceptor_nb.conceptor import CoefficientMLP, combine, diffusion_loss, encode_latents, vocab_norm
 from conceptor_nb.errors import CacheError, ModelNotFoundError
 from conceptor_nb.inject import pseudo_token, template_prompt, tokenize
 
@@ -58,7 +58,7 @@ def test_v_prediction_pipeline_fits():
     pipe.unet.requires_grad_(False), pipe.text_encoder.requires_grad_(False), pipe.vae.requires_grad_(False)
     images = torch.rand(3, 3, 32, 32)
     # fit directly with a given dictionary (no CLIP needed): a v-prediction scheduler takes the v target
-    from conceptor_nb.decompose import fit
+    from conceptor_nb.conceptor import fit
 
     coef, hist = fit(pipe, images, [320, 1929, 2368], FAST.replace(val_every=0, n_tokens=2), verbose=False)
     assert coef.shape == (3,) and all(math.isfinite(x) for x in hist["loss"])
@@ -66,7 +66,7 @@ def test_v_prediction_pipeline_fits():
 
 
 def test_fit_in_bf16_autocast_stays_close_to_float32(tiny_pipe):
-    from conceptor_nb.decompose import fit
+    from conceptor_nb.conceptor import fit
 
     images = torch.rand(3, 3, 32, 32)
     ids = [320, 1929, 2368, 4276, 1125, 539]
@@ -81,7 +81,7 @@ def test_fit_in_bf16_autocast_stays_close_to_float32(tiny_pipe):
 
 
 def test_autocast_modes(monkeypatch):
-    dmod = importlib.import_module("conceptor_nb.decompose")  # the package exports the function
+    dmod = importlib.import_module("conceptor_nb.conceptor")  # the package exports the function
 
     f = dmod.fit_autocast_dtype
     assert f("cpu", "off", torch.float32) is None and f("cpu", None, torch.float32) is None

@@ -157,7 +157,7 @@ def test_score_decomposition(spec):
 # --------------------------------------------------------------------------- shipped models
 needs_toy = pytest.mark.skipif(
     not (SHIPPED / "pipeline" / "model_index.json").exists() or not (SHIPPED / "clip" / "config.json").exists(),
-    reason="the trained toy world is not in data/toyworld (train it with python -m conceptor_nb.toyworld.train)",
+    reason="the trained toy world is not in conceptor_nb/data/toyworld (train it with python -m conceptor_nb.toyworld.train)",
 )
 
 
@@ -176,7 +176,7 @@ def test_shipped_pipeline_draws_red_circles(spec, monkeypatch):
     red = sum(r.colour == "red" for r in oracle(imgs))
     other = generate(pipe, "a photo of a blue square", n=8, seed=0, steps=12, guidance=4.0)
     red_other = sum(r.colour == "red" for r in oracle(other))
-    # the shipped model is under-trained (see data/toyworld/README.md): it follows colour words
+    # the shipped model is under-trained (see conceptor_nb/data/toyworld/README.md): it follows colour words
     # about half the time, so the check is "mostly red, and redder than for another prompt"
     assert red >= 4 and red > red_other, (red, red_other)
     emb = pipe.text_encoder.get_input_embeddings().weight

@@ -220,7 +220,7 @@ class DecompositionScore:
 
 def score_decomposition(dec, spec: Spec | str | None, concept: str | None = None, k: int = 5) -> DecompositionScore:
     """Score a decomposition (anything with ``tokens``, ``coefficients`` and ``top(k)``, like
-    ``conceptor_nb.decompose.Decomposition``) against the spec's constituents of ``concept``
+    ``conceptor_nb.conceptor.Decomposition``) against the spec's constituents of ``concept``
     (default ``dec.concept``; a prompt such as "a photo of a fruit" is reduced to its concept word)."""
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     concept = concept or getattr(dec, "concept", None)

@@ -4,7 +4,7 @@ A spec names the colour words, the glyphs (how a shape is drawn, as ellipses,
 rectangles and polygons in a [-1, 1] box), the shape words (glyphs drawn in any
 colour), the object words (a glyph with a fixed colour distribution) and the
 hidden concepts (a concept word whose images are drawn from known components
-with known weights). See ``data/toyworld/spec.json`` and its README.
+with known weights). See ``conceptor_nb/data/toyworld/spec.json`` and its README.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Train the toy world's models from a spec: a VAE, a text-to-image UNet with its CLIP text
 encoder (full 49,408-token vocabulary), and a small contrastive CLIP.
 
-    python -m conceptor_nb.toyworld.train --spec data/toyworld/spec.json --out DIR --seed 0
+    python -m conceptor_nb.toyworld.train --spec conceptor_nb/data/toyworld/spec.json --out DIR --seed 0
 
 writes ``DIR/pipeline`` (a diffusers StableDiffusionPipeline folder), ``DIR/clip`` (a
 transformers CLIPModel folder with tokenizer and preprocessor_config.json) and
@@ -410,7 +410,7 @@ def renormalise_pipeline(folder: str | Path, spec, fp16: bool = True) -> dict:
 # --------------------------------------------------------------------------- main
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m conceptor_nb.toyworld.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--spec", default=None, help="spec JSON (default: the shipped data/toyworld/spec.json)")
+    p.add_argument("--spec", default=None, help="spec JSON (default: the shipped conceptor_nb/data/toyworld/spec.json)")
     p.add_argument("--out", required=True, help="output folder: pipeline/, clip/, train_log.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")

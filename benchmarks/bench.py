@@ -1,13 +1,13 @@
 """Speed benchmark of the Conceptor fit: the floor, our step, the authors' loop, and end to end.
 
-``python -m conceptor_nb.bench --model tiny,toy,sd-shapes`` measures, on the same
+``python benchmarks/bench.py --model tiny,toy,sd-shapes`` measures, on the same
 model and inputs, the ms per training step of three variants:
 
 * ``floor``: one UNet forward + backward at the fit batch size, conditioned on a
   fixed leaf tensor that requires grad (backward goes through the UNet to it).
   No text encoder, no MLP, no optimiser: what any method that trains a prompt
   embedding must pay.
-* ``ours``: a step of :func:`conceptor_nb.decompose.fit`, timed by running
+* ``ours``: a step of :func:`conceptor_nb.conceptor.fit`, timed by running
   ``fit()`` itself (validation off) and reading the time between consecutive
   iterations of its step loop, so the number is exactly what the fit does per
   step (MLP -> combine -> ``diffusion_loss`` with the prompt encoded once ->
@@ -87,7 +87,7 @@ def sd_shapes_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tiny import clip_tokenizer
+    from conceptor_nb.tiny import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -118,14 +118,14 @@ def sd_shapes_pipeline(seed: int = 0):
 
 
 def toy_available() -> bool:
-    from .config import data_dir
+    from conceptor_nb.config import data_dir
 
     return (data_dir() / "toyworld" / "pipeline" / "model_index.json").exists()
 
 
 def build_pipeline(model: str, device):
     """The model's pipeline in float32 on ``device``, every parameter frozen, in eval mode."""
-    from .models import load_pipeline, prepare_pipeline
+    from conceptor_nb.models import load_pipeline, prepare_pipeline
 
     if model in ("tiny", "toy"):
         return load_pipeline(model, device=device, dtype=torch.float32)
@@ -136,7 +136,7 @@ def build_pipeline(model: str, device):
 
 def profile_for(model: str):
     """The settings a fit of this model uses: TINY, TOY, or the authors' (SD) for sd-shapes."""
-    from .config import SD, TINY, TOY
+    from conceptor_nb.config import SD, TINY, TOY
 
     return {"tiny": TINY, "toy": TOY, "sd-shapes": SD}[model]
 
@@ -299,7 +299,7 @@ def _amp(dtype: str) -> torch.dtype | None:
 
 
 def _autocast(device: torch.device, dtype: str):
-    from .decompose import autocast_to
+    from conceptor_nb.conceptor import autocast_to
 
     return autocast_to(device, _amp(dtype))
 
@@ -334,7 +334,7 @@ def _fit_settings(s, batch: int, total_steps: int, n_tokens: int | None, dtype: 
 
 def _latents(ctx: dict) -> torch.Tensor:
     """The images and their mirror images, VAE-encoded once, as ``fit`` does."""
-    from .decompose import encode_latents
+    from conceptor_nb.conceptor import encode_latents
 
     pipe, images = ctx["pipe"], ctx["images"]
     return torch.stack([encode_latents(pipe, images), encode_latents(pipe, images.flip(-1))]).float()
@@ -355,7 +355,7 @@ def floor_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor):
     """One step of the floor: UNet forward + backward to a fixed leaf conditioning, the fit's sampling."""
     from diffusers import DDPMScheduler
 
-    from .decompose import sample_batch
+    from conceptor_nb.conceptor import sample_batch
 
     pipe = ctx["pipe"]
     unet = pipe.unet
@@ -442,7 +442,7 @@ def bench_ours(ctx: dict, device, dtype: str, steps: int, warmup: int, mem: Memo
     """``decompose.fit`` itself, validation off, timed between iterations of its step loop."""
     import importlib
 
-    dmod = importlib.import_module(__package__ + ".decompose")  # the module (the package exports the function)
+    dmod = importlib.import_module("conceptor_nb.conceptor")  # the module (the package exports the function)
 
     pipe, s = ctx["pipe"], ctx["settings"]
     fs = _fit_settings(s, ctx["images"].shape[0], warmup + steps, n_tokens, dtype)
@@ -476,8 +476,8 @@ def ours_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor, fs):
     """The fit's step rebuilt from decompose.py's pieces, in the same order as ``fit``'s loop body."""
     from diffusers import DDPMScheduler
 
-    from .decompose import CoefficientMLP, sample_batch, step_loss, vocab_norm
-    from .inject import template_prompt, tokenize
+    from conceptor_nb.conceptor import CoefficientMLP, sample_batch, step_loss, vocab_norm
+    from conceptor_nb.inject import template_prompt, tokenize
 
     pipe = ctx["pipe"]
     table = pipe.text_encoder.get_input_embeddings().weight
@@ -524,8 +524,8 @@ def authors_stepper(ctx: dict, device, dtype: str, n_tokens=None):
     """One step of the authors' loop structure (see the module docstring); returns (step, restore)."""
     from diffusers import DDPMScheduler
 
-    from .decompose import CoefficientMLP
-    from .inject import PLACEHOLDER, template_prompt, tokenize
+    from conceptor_nb.conceptor import CoefficientMLP
+    from conceptor_nb.inject import PLACEHOLDER, template_prompt, tokenize
 
     pipe, s = ctx["pipe"], ctx["settings"]
     n_top = min(n_tokens or s.n_tokens, len(ctx["token_ids"]))
@@ -646,7 +646,7 @@ def run_paired(model: str, *, device: str, dtype: str, authors_dtype: str, steps
 
 def run_encode_chunk(model: str, *, device: str, n_images: int = 16) -> dict:
     """Peak memory and time of the fit's one-off ``encode_latents`` over one chunk of ``n_images`` (its default 16)."""
-    from .decompose import encode_latents
+    from conceptor_nb.conceptor import encode_latents
 
     dev = torch.device(device)
     ctx = _setup(model, dev, n_images, None)
@@ -684,8 +684,8 @@ def run_variant(model: str, variant: str, *, device: str, dtype: str, steps: int
 
 def run_e2e(model: str, *, device: str, concept: str) -> dict:
     """``decompose()`` end to end on the model's profile: a cold cache, then only the vocabulary cached."""
-    from .decompose import decompose
-    from .models import load_clip
+    from conceptor_nb.conceptor import decompose
+    from conceptor_nb.models import load_clip
 
     dev = torch.device(device)
     t0 = time.perf_counter()
@@ -734,7 +734,7 @@ def _worker(spec: dict) -> dict:
 
 
 def _in_subprocess(spec: dict) -> dict:
-    cmd = [sys.executable, "-m", "conceptor_nb.bench", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -762,7 +762,7 @@ def _proc_cpu_ticks(exclude) -> dict[int, tuple[int, str]]:
 
 
 def _ours(pid: int, cmd: str) -> bool:
-    return pid == os.getpid() or "conceptor_nb.bench" in cmd
+    return pid == os.getpid() or "benchmarks/bench.py" in cmd
 
 
 class CPUWatch:
@@ -836,7 +836,7 @@ def contention() -> dict:
 
 def fit_dtype(model: str, device: str) -> str:
     """'bf16' or 'fp32': what the fit autocasts to with the model's profile on ``device`` (float32 weights)."""
-    from .decompose import fit_autocast_dtype
+    from conceptor_nb.conceptor import fit_autocast_dtype
 
     amp = fit_autocast_dtype(device, profile_for(model).autocast, torch.float32)
     return "bf16" if amp == torch.bfloat16 else "fp32"
@@ -989,12 +989,12 @@ def _cpu_name() -> str:
 
 def run(models, *, device: str | None = None, dtype: str | None = None, json_path=None, log=print, **kw) -> dict:
     """Benchmark each model in ``models``; returns (and writes to ``json_path``) the results."""
-    from .models import pick_device
+    from conceptor_nb.models import pick_device
 
     dev = str(pick_device(device))
     notes = []
     if dtype == "bf16" and not dev.startswith("cuda"):
-        from .decompose import cpu_has_native_bf16
+        from conceptor_nb.conceptor import cpu_has_native_bf16
 
         if dev.startswith("cpu") and not cpu_has_native_bf16():
             notes.append("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and slow")
@@ -1090,7 +1090,7 @@ def format_table(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m conceptor_nb.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="toy", help=f"comma-separated, from {', '.join(MODELS)} (default toy)")
     p.add_argument("--steps", type=int, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, help="untimed steps first")
