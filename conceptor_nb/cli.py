@@ -22,6 +22,7 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
                         ("gen_steps", "sampling steps for the concept images"), ("dict_size", "dictionary size N"),
                         ("n_tokens", "explanation tokens n"), ("steps", "fit steps"), ("batch_size", "fit batch"),
                         ("val_every", "validate every K steps (0: never)"), ("val_steps", "sampling steps in validation"),
+                        ("val_patience", "stop after K validation rounds without a better score (0: never)"),
                         ("seed", "seed")]:
         g.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help=help_)
     for name, help_ in [("guidance", "guidance scale"), ("lr", "learning rate"), ("sparsity", "sparsity lambda")]:
@@ -32,14 +33,14 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
 
 def _overrides(args) -> dict:
     names = ["n_train", "n_val", "gen_steps", "dict_size", "n_tokens", "steps", "batch_size", "val_every",
-             "val_steps", "seed", "guidance", "lr", "sparsity", "autocast"]
+             "val_steps", "val_patience", "seed", "guidance", "lr", "sparsity", "autocast"]
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 def cmd_decompose(args) -> int:
     from . import decompose, load_pipeline
     from .models import load_clip, default_clip_for
-    from .viz import image_grid
+    from .runfolder import write_run
 
     model = args.model or settings_for_model(None).model
     s: Settings = settings_for_model(model)
@@ -57,12 +58,7 @@ def cmd_decompose(args) -> int:
     t_total = time.perf_counter() - t0
     dec.history["timings"]["load_s"] = t_load
     dec.history["timings"]["total_s"] = t_total
-    dec.save(out, overwrite=args.overwrite)
-    n_grid = min(8, dec.settings["n_train"])
-    seeds = dec.seeds(n_grid)
-    concept = dec.concept_images(pipe, n_grid)
-    image_grid(concept, nrow=n_grid, upscale=max(1, 256 // concept.shape[-1])).save(out / "concept.png")
-    image_grid(dec.render(pipe, seeds), nrow=n_grid, upscale=max(1, 256 // concept.shape[-1])).save(out / "reconstruction.png")
+    write_run(dec, pipe, out, overwrite=args.overwrite)
     frame = dec.to_frame(args.show)
     settings_name = "tiny" if model == "tiny" else profile_name()
     print(f"\n{dec.concept!r} on {dec.model} (settings: {settings_name}): top {len(frame)} of {len(dec.tokens)} dictionary tokens")
@@ -89,6 +85,10 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_settings(p)
     p.set_defaults(func=cmd_decompose)
+    from . import batch, report
+
+    batch.add_parser(sub)
+    report.add_parser(sub)
     args = parser.parse_args(argv)
     from .errors import ConceptorError
 

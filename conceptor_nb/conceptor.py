@@ -440,6 +440,10 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
                 if score > best[0]:
                     best = (score, step, alpha.detach().clone())
                 bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{score:.3f}")
+                rounds_since_best = sum(1 for v in history["validation"] if v["step"] > best[1])
+                if s.val_patience > 0 and rounds_since_best >= s.val_patience:
+                    history["stopped_at"] = step  # early stop: no better score for val_patience rounds
+                    break
     with torch.no_grad():
         final = mlp(embeddings).detach()
     if best[2] is None:

@@ -67,6 +67,7 @@ class Settings:
     val_every: int = 50
     val_steps: int = 50
     val_scheduler: str = "dpm"
+    val_patience: int = 0  # stop the fit after this many validation rounds without a better score (0: never)
     flip: bool = True
     # precision of the fit's UNet pass: "off" (the weights' dtype), "bf16" (autocast),
     # "auto" (bf16 autocast when the weights are float32 and the device computes bf16 natively:
