@@ -281,6 +281,25 @@ def _write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
+LOG = "batch-log.jsonl"
+
+
+def log_event(out, event: str, slug: str, rank: int = 0) -> None:
+    """Append one line to ``out/batch-log.jsonl`` (an audit trail: who started and finished what, when)."""
+    line = json.dumps({"time": time.time(), "event": event, "slug": slug, "rank": rank,
+                       "host": socket.gethostname(), "pid": os.getpid()}) + "\n"
+    fd = os.open(Path(out) / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())  # one write of a short line: appends do not interleave
+    finally:
+        os.close(fd)
+
+
+def read_log(out) -> list[dict]:
+    f = Path(out) / LOG
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+
 def unet_evaluations(settings: dict, history: dict) -> dict:
     """UNet evaluations (one image through the UNet once) of one decomposition, by stage.
 
@@ -317,6 +336,7 @@ def run_one(pipe, job: Job, out, base: Settings, *, clip=None, rank: int = 0, re
         record = {"concept": job.concept, "slug": job.slug, "overrides": job.overrides, "settings_hash": h,
                   "rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        log_event(out, "start", job.slug, rank)
         t0 = time.perf_counter()
         try:
             (folder / "decomposition.json").unlink(missing_ok=True)  # other settings, or recompute: not done
@@ -331,6 +351,7 @@ def run_one(pipe, job: Job, out, base: Settings, *, clip=None, rank: int = 0, re
         record["wall_s"] = time.perf_counter() - t0
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_json(folder / "batch.json", record)
+        log_event(out, record["status"], job.slug, rank)
         return record["status"]
 
 
