@@ -1,0 +1,153 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Many concepts
+#
+# **Question:** decompose a whole list of concepts, look at them side by side, and see which
+# concepts the model builds from the same words.
+#
+# `decompose_many(pipe, concepts, out=...)` runs `decompose` for every concept and writes each one
+# to `out/<slug>/` exactly as `conceptor decompose` does (the decomposition, its coefficients, the
+# concept images and their reconstructions). It is **resumable**: a concept whose folder already
+# holds a decomposition with the same settings is skipped, so running a cell again, or the command
+# after a crash, continues where it stopped. It returns the summary table it also writes to
+# `out/summary.csv` and `summary.json`.
+#
+# From a terminal the same is `conceptor batch concepts.txt --out runs/`, and on several GPUs
+# `accelerate launch -m conceptor_nb batch concepts.txt --out runs/` (each rank takes its share of
+# the list). `conceptor report runs/` makes an offline HTML gallery of the results.
+#
+# On the toy world we decompose all six hidden concepts; the spec says what each is made of.
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from IPython.display import display
+
+import conceptor_nb as cn
+from conceptor_nb.batch import decompose_many, load_decompositions, load_runs, read_log
+from conceptor_nb.config import cache_dir, profile_name, settings
+from conceptor_nb.examples import examples, toy_spec
+from conceptor_nb.viz import save_figure
+
+ex = examples()
+s = settings()
+profile = profile_name()
+print(f"profile {profile!r}: model {s.model!r}, {s.n_train} images, {s.steps} fit steps")
+pipe = cn.load_pipeline(s.model)
+clip = cn.load_clip(s.clip)
+
+if ex.ground_truth:
+    spec = toy_spec()
+    concepts = [f"a {c}" for c in spec.concept_words]
+else:
+    concepts = [f"a {c}" for c in ex.concepts]
+# under CI (profile "ci") a shorter fit with the cheap validation keeps this notebook to a few minutes
+overrides = dict(n_train=16, steps=60, val_every=20, val_patience=2) if profile == "ci" else {}
+out = cache_dir() / "batch" / profile
+concepts
+
+# %% [markdown]
+# ## The batch
+# One progress bar over the concepts. The table has one row per concept: its status, the top
+# tokens with their coefficients, timings, and the UNet evaluations it cost.
+
+# %%
+summary = decompose_many(pipe, concepts, out, clip=clip, **overrides)
+cols = ["concept", "status", "token_1", "coef_1", "token_2", "coef_2", "token_3", "coef_3", "best_step", "wall_s", "unet_total"]
+display(summary[cols].round(3))
+
+# %% [markdown]
+# Running it again does nothing new: every concept is done with these settings. `load_runs`
+# reads a finished batch back (here, and in any later session).
+
+# %%
+starts = sum(e["event"] == "start" for e in read_log(out))
+again = decompose_many(pipe, concepts, out, clip=clip, verbose=False, **overrides)
+assert sum(e["event"] == "start" for e in read_log(out)) == starts, "a finished concept was decomposed again"
+back = load_runs(out)
+assert list(back["concept"]) == concepts and (back["status"] == "done").all()
+assert list(back["token_1"]) == list(summary["token_1"])
+
+# %% [markdown]
+# ## Concepts x tokens
+# Every concept's five strongest tokens, and each concept's coefficient for each of them
+# (0 where the token is not in that concept's dictionary).
+
+# %%
+decs = load_decompositions(out)
+decs = {c: decs[c] for c in concepts}
+tokens = list(dict.fromkeys(t for d in decs.values() for t, _ in d.top(5)))
+matrix = pd.DataFrame(0.0, index=[c.removeprefix("a ") for c in concepts], columns=tokens)
+for c, d in decs.items():
+    coef = dict(zip(d.tokens, d.coefficients))
+    matrix.loc[c.removeprefix("a ")] = [coef.get(t, 0.0) for t in tokens]
+fig, ax = plt.subplots(figsize=(1 + 0.45 * len(tokens), 1 + 0.5 * len(concepts)))
+sns.heatmap(matrix, cmap="viridis", ax=ax, cbar_kws={"label": "coefficient"})
+ax.set_xlabel("token")
+ax.set_ylabel("concept")
+ax.set_title("coefficients of every concept's top-5 tokens")
+save_figure(fig, "05_concept_token_heatmap")
+plt.show()
+
+# %% [markdown]
+# ## Shared words
+# Tokens in the top 10 of more than one concept: the words the model reuses across concepts.
+
+# %%
+top10 = {c.removeprefix("a "): [t for t, _ in d.top(10)] for c, d in decs.items()}
+users: dict[str, list[str]] = {}
+for c, toks in top10.items():
+    for t in toks:
+        users.setdefault(t, []).append(c)
+shared = pd.DataFrame([{"token": t, "concepts": ", ".join(cs), "n": len(cs)} for t, cs in users.items() if len(cs) > 1])
+shared = shared.sort_values(["n", "token"], ascending=[False, True]).reset_index(drop=True) if len(shared) else shared
+display(shared)
+
+# %%
+# every concept's heatmap row peaks at its own strongest token
+for c, d in decs.items():
+    row = matrix.loc[c.removeprefix("a ")]
+    assert row.idxmax() == d.tokens[0] or row.max() == row[d.tokens[0]], c
+    assert (row >= 0).all()
+
+# %% [markdown]
+# ## Against the spec (toy world only)
+# The share of each concept's constituents (from the spec) found in its top 10.
+
+# %%
+if ex.ground_truth:
+    from conceptor_nb.toyworld.evaluate import score_decomposition
+
+    scores = pd.DataFrame([{"concept": c, "found": ", ".join(sc.found), "missing": ", ".join(sc.missing), "recall@10": sc.recall_at_k}
+                           for c, d in decs.items() for sc in [score_decomposition(d, spec, k=10)]])
+    display(scores)
+    assert scores["recall@10"].mean() >= 0.5, scores
+
+# %% [markdown]
+# ## The gallery
+# `build_report` (or `conceptor report <out>`) writes one offline HTML file: a sortable index and,
+# per concept, the word picture, the top-10 table, and the concept images above their
+# reconstructions.
+
+# %%
+from conceptor_nb.report import build_report
+
+page = build_report(out)
+print(page)
+assert page.exists() and all(f'data-concept="{c}"' in page.read_text() for c in concepts)
