@@ -118,8 +118,8 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     t0 = time.perf_counter()
     n = min(n_tokens or dec.n_tokens, len(dec.tokens))
     s = dec.settings
-    kw = dict(steps=steps or s.get("gen_steps", 50), guidance=guidance or s.get("guidance", 7.5),
-              sampler=sampler or s.get("gen_scheduler", "dpm"), template=dec.template, verbose=False)
+    kw = dict(steps=steps or s.gen_steps, guidance=guidance or s.guidance, sampler=sampler or s.sampler,
+              template=dec.template, verbose=False)
     table = pipe.text_encoder.get_input_embeddings().weight
     tokens = dec.tokens[:n]
     emb = table[torch.tensor(dec.token_ids[:n], device=table.device)].float()
