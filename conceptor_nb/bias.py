@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .conceptor import Decomposition
+from .config import default_clip_for
 from .results import load_result, save_result
 
 Classifier = Callable[[torch.Tensor], list]
@@ -153,7 +154,7 @@ def detect_bias(pipe, dec: Decomposition, attribute: dict, *, clip=None, images:
     if clip is None:
         from .models import load_clip
 
-        clip = load_clip(dec.clip or "toy", device=pipe.device)
+        clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
     if images is None:
         images = dec.concept_images(pipe, n or dec.settings.n_train, seed=seed, cache_dir=cache_dir,
                                     verbose=verbose)
@@ -236,7 +237,7 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
         if clip is None:
             from .models import load_clip
 
-            clip = load_clip(dec.clip or "toy", device=pipe.device)
+            clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
         classifier = zero_shot_classifier(clip, attribute)
     t0 = time.perf_counter()
     seeds = list(seeds) if seeds is not None else list(range(2_000_000, 2_000_000 + n))

@@ -222,9 +222,9 @@ def resolve(model: str | None = None, clip: str | None = None, *, warn: bool = T
     return chosen, model, clip or chosen.clip
 
 
-def default_clip_for(model: str) -> str:
-    """The CLIP that goes with a pipeline (its family's profile's CLIP)."""
-    return resolve(model, warn=False)[2]
+def default_clip_for(model: str | None) -> str:
+    """The CLIP that goes with a pipeline (its family's profile's CLIP; no model: the active profile's)."""
+    return resolve(model or None, warn=False)[2]
 
 
 def data_dir() -> Path:
