@@ -29,7 +29,7 @@ import uuid
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from .config import Settings, settings_for_model
+from .config import Settings
 from .runfolder import is_complete, write_run
 
 CLAIMS = ".claims"
@@ -59,19 +59,20 @@ def slugify(text: str) -> str:
 
 
 def _convert(name: str, value: str):
+    if name in ("model", "clip"):
+        raise ValueError(f"column {name!r}: a batch runs one model; pass --model/--clip for the whole batch")
     defaults = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
     if name not in defaults:
         raise ValueError(f"unknown column {name!r}: a column is 'concept' or a setting "
                          f"({', '.join(sorted(defaults))})")
-    if name in ("model", "clip", "clip_templates"):
-        raise ValueError(f"column {name!r}: a batch runs one model; pass --model/--clip for the whole batch")
     default = defaults[name]
+    value = value.strip()
     if isinstance(default, bool):
-        return value.strip().lower() in ("1", "true", "yes", "on")
+        return value.lower() in ("1", "true", "yes", "on")
     if isinstance(default, int):
         return int(float(value))
     if isinstance(default, float) or name in ("exclude_threshold", "null_threshold"):
-        return float(value)
+        return None if value.lower() in ("none", "off") else float(value)
     return value
 
 
@@ -131,7 +132,7 @@ def as_jobs(concepts) -> list[Job]:
 
 def settings_hash(s) -> str:
     """12 hex digits identifying a set of settings (a :class:`Settings` or its ``to_dict()``)."""
-    d = s.to_dict() if isinstance(s, Settings) else dict(s)
+    d = (s if isinstance(s, Settings) else Settings.from_dict(s)).to_dict()
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
@@ -308,7 +309,7 @@ def unet_evaluations(settings: dict, history: dict) -> dict:
     validation: ``n_val`` renders of ``val_steps`` per validation round, twice with guidance.
     Cached concept images cost nothing on a second run; the count is what a fresh run does.
     """
-    s = settings
+    s = settings.to_dict() if isinstance(settings, Settings) else settings
     cfg = 2 if s["guidance"] > 1 else 1
     validating = s["val_every"] > 0 and s["n_val"] > 0
     gen = (s["n_train"] + (s["n_val"] if validating else 0)) * s["gen_steps"] * cfg
@@ -458,17 +459,18 @@ def decompose_many(pipe, concepts, out="runs", *, clip=None, settings: Settings 
     """
     from tqdm.auto import tqdm
 
-    from .conceptor import _resolve
-    from .models import default_clip_for, load_clip
+    from .config import default_clip_for
+    from .conceptor import run_settings
+    from .models import load_clip, model_name
 
     jobs = as_jobs(concepts)
-    base = _resolve(pipe, settings, overrides)
+    base = run_settings(pipe, settings, **overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _state(state)
     rank, world = state.process_index, state.num_processes
     if clip is None:
-        clip = load_clip(base.clip or default_clip_for(base.model), device=pipe.device)
+        clip = load_clip(default_clip_for(model_name(pipe)), device=pipe.device)
     counts: dict[str, int] = {}
     with state.split_between_processes(jobs) as mine:
         bar = tqdm(mine, desc="concepts" if world == 1 else f"concepts (rank {rank})", unit="concept",
@@ -492,7 +494,7 @@ def decompose_many(pipe, concepts, out="runs", *, clip=None, settings: Settings 
 # -- the command --------------------------------------------------------------------------------------
 def add_parser(sub) -> None:
     """Register ``conceptor batch`` (same method-settings flags as ``decompose``)."""
-    from .cli import _add_settings
+    from .cli import add_model_flags, add_settings_flags
 
     p = sub.add_parser("batch", help="decompose every concept of a list (resumable; accelerate launch for many processes)",
                        description="Decompose every concept of a list into OUT/<slug>/ as `conceptor decompose` "
@@ -501,13 +503,11 @@ def add_parser(sub) -> None:
     p.add_argument("concepts", help="a text file (one concept a line, # comments) or a CSV with a 'concept' column "
                                     "and per-concept settings columns (seed, steps, ...)")
     p.add_argument("--out", default="runs", help="output folder (default: runs)")
-    p.add_argument("--model", help="'toy' (default), 'tiny' (random weights), a folder or a hub id")
-    p.add_argument("--clip", help="CLIP model for the dictionary and validation (default: the model's)")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the rank's device)")
+    add_model_flags(p)
     p.add_argument("--top", type=int, default=TOP_K, help="tokens per concept in the summary")
     p.add_argument("--recompute", action="store_true", help="decompose finished concepts again")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_settings(p)
+    add_settings_flags(p)
     p.set_defaults(func=cmd_batch)
 
 
@@ -522,21 +522,21 @@ def cmd_batch(args) -> int:
 
     from accelerate import PartialState
 
-    from .cli import TINY_WARNING, _overrides
-    from .models import default_clip_for, load_clip, load_pipeline
+    from .cli import TINY_WARNING, settings_overrides
+    from .config import resolve
+    from .models import load_clip, load_pipeline
 
     jobs = as_jobs(args.concepts)
     # CPU ranks (gloo) when asked, or when launched as several processes on a machine without CUDA
     state = PartialState(cpu=args.device == "cpu" or not _has_cuda())
-    model = args.model or settings_for_model(None).model
-    s = settings_for_model(model)
+    prof, model, clip_name = resolve(args.model, args.clip, warn=state.is_main_process)
     if model == "tiny" and state.is_main_process:
         print(TINY_WARNING, file=sys.stderr)
     device = args.device or state.device
     pipe = load_pipeline(model, device=device)
-    clip = load_clip(args.clip or s.clip or default_clip_for(model), device=pipe.device)
-    df = decompose_many(pipe, jobs, args.out, clip=clip, settings=s, top=args.top, recompute=args.recompute,
-                        verbose=not args.quiet, state=state, **_overrides(args))
+    clip = load_clip(clip_name, device=pipe.device)
+    df = decompose_many(pipe, jobs, args.out, clip=clip, settings=prof.settings, top=args.top,
+                        recompute=args.recompute, verbose=not args.quiet, state=state, **settings_overrides(args))
     if not state.is_main_process:
         return 0
     n = df["status"].value_counts().to_dict()

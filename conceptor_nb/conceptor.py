@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import Settings, settings_for_model
+from .config import Settings, resolve
 from .dictionary import Dictionary, build_dictionary, concept_word
 from .images import concept_images, concept_prompt, generate
 from .inject import pseudo_token, tokenize, template_prompt
@@ -88,8 +88,12 @@ class Decomposition:
     clip: str = ""
     dictionary_scores: list[float] = field(default_factory=list)  # CLIP score of each token, same order
     excluded: list[str] = field(default_factory=list)
-    settings: dict = field(default_factory=dict)
+    settings: Settings = field(default_factory=Settings)  # the method settings the fit ran with
     history: dict = field(default_factory=dict)  # loss, validation, best_step, timings
+
+    def __post_init__(self):
+        if isinstance(self.settings, dict):  # read from JSON
+            self.settings = Settings.from_dict(self.settings)
 
     # -- reading -------------------------------------------------------------------------------
     def top(self, k: int | None = None) -> list[tuple[str, float]]:
@@ -125,8 +129,8 @@ class Decomposition:
         s = self.settings
         return generate(
             pipe, template_prompt(self.template), list(seeds), pseudo=self.vector(pipe, n_tokens, rescale=rescale),
-            template=self.template, steps=steps or s.get("gen_steps", 50), guidance=guidance or s.get("guidance", 7.5),
-            sampler=sampler or s.get("gen_scheduler", "dpm"), batch_size=batch_size, verbose=verbose,
+            template=self.template, steps=steps or s.gen_steps, guidance=guidance or s.guidance,
+            sampler=sampler or s.sampler, batch_size=batch_size, verbose=verbose,
             desc="rendering the pseudo-token",
         )
 
@@ -136,14 +140,13 @@ class Decomposition:
         the cache when they are there), so ``render(pipe, range(seed, seed + n))`` pairs with them.
         ``seed``: start elsewhere (other images of the concept, same generation settings)."""
         s = self.settings
-        seed = s.get("seed", 0) if seed is None else seed
-        return concept_images(pipe, self.prompt, n or s.get("n_train", 8), seed, steps=s.get("gen_steps", 50),
-                              guidance=s.get("guidance", 7.5), sampler=s.get("gen_scheduler", "dpm"),
-                              cache_dir=cache_dir, verbose=verbose)
+        seed = s.seed if seed is None else seed
+        return concept_images(pipe, self.prompt, n or s.n_train, seed, steps=s.gen_steps, guidance=s.guidance,
+                              sampler=s.sampler, cache_dir=cache_dir, verbose=verbose)
 
     def seeds(self, n: int) -> list[int]:
         """The seeds of the first ``n`` training images."""
-        seed = self.settings.get("seed", 0)
+        seed = self.settings.seed
         return list(range(seed, seed + n))
 
     def with_coefficient(self, token: str, value: float, *, tokenizer=None) -> "Decomposition":
@@ -203,9 +206,12 @@ class Decomposition:
         return f"Decomposition({self.concept!r}: {top}, ...)"
 
 
-def _resolve(pipe, settings: Settings | None, overrides: dict) -> Settings:
-    base = settings or settings_for_model(model_name(pipe))
-    return base.replace(**{k: v for k, v in overrides.items() if v is not None})
+def run_settings(pipe, settings: Settings | None = None, **overrides) -> Settings:
+    """The settings a run on ``pipe`` uses: ``settings`` (default: the profile of the pipeline's model,
+    see :func:`conceptor_nb.config.resolve`) with ``overrides`` applied, None included (``exclude_threshold=None``
+    turns that filter off)."""
+    base = settings or resolve(model_name(pipe), warn=False)[0].settings
+    return base.replace(**overrides)
 
 
 @torch.no_grad()
@@ -232,15 +238,12 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
     ``val_images`` (in [0, 1]) replace the generated concept images;
     ``dictionary`` replaces the CLIP dictionary.
     """
-    unknown = set(overrides) - {f.name for f in fields(Settings)}
-    if unknown:
-        raise TypeError(f"decompose() got unknown settings {sorted(unknown)}")
-    s = _resolve(pipe, settings, overrides)
+    s = run_settings(pipe, settings, **overrides)
     prompt = concept_prompt(concept, s.template)
     tokenize(pipe.tokenizer, prompt)
     timings = {}
     t0 = time.perf_counter()
-    gen = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.gen_scheduler, cache_dir=cache_dir, verbose=verbose)
+    gen = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.sampler, cache_dir=cache_dir, verbose=verbose)
     if images is None:
         images = concept_images(pipe, prompt, s.n_train, s.seed, **gen)
     if val_images is None and s.val_every > 0 and s.n_val > 0:
@@ -248,10 +251,10 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
     timings["images_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if clip is None and (dictionary is None or val_images is not None):
-        from .models import default_clip_for, load_clip
+    if isinstance(clip, str) or (clip is None and (dictionary is None or val_images is not None)):
+        from .models import load_clip
 
-        clip = load_clip(s.clip or default_clip_for(s.model), device=pipe.device)
+        clip = load_clip(clip or resolve(model_name(pipe), warn=False)[2], device=pipe.device)
     if dictionary is None:
         dictionary = build_dictionary(clip, images, concept_word(concept), s.dict_size, templates=s.clip_templates,
                                       exclude_concept=exclude_concept, exclude_threshold=s.exclude_threshold,
@@ -269,7 +272,7 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
         n_tokens=min(s.n_tokens, len(order)), norm=vocab_norm(pipe) if rescale else None, template=s.template,
         prompt=prompt, model=model_name(pipe), clip=getattr(clip, "name", "") or "",
         dictionary_scores=[float(dictionary.scores[i]) for i in order], excluded=list(dictionary.excluded),
-        settings=s.to_dict(), history=history,
+        settings=s, history=history,
     )
 
 
@@ -365,8 +368,12 @@ def step_loss(pipe, mlp, embeddings: torch.Tensor, norm: float | None, n_top: in
 
 
 def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_images=None, rescale: bool = True,
-        verbose: bool = True) -> tuple[torch.Tensor, dict]:
-    """Train the coefficient MLP; returns the coefficients of the best validation step and the history."""
+        verbose: bool = True, on_step=None) -> tuple[torch.Tensor, dict]:
+    """Train the coefficient MLP; returns the coefficients of the best validation step and the history.
+
+    ``on_step(step, history)``: called with step 0 when the step loop starts (the latents are encoded),
+    then after each optimiser step (before any validation of that step); for progress and timing.
+    """
     from diffusers import DDPMScheduler
 
     device = pipe.unet.device
@@ -412,7 +419,7 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
     def validate(alpha) -> float:
         with torch.no_grad():
             renders = generate(pipe, template_prompt(s.template), val_seeds, pseudo=top_vector(alpha), template=s.template,
-                               steps=s.val_steps, guidance=s.guidance, sampler=s.val_scheduler, verbose=False)
+                               steps=s.val_steps, guidance=s.guidance, sampler=s.val_sampler, verbose=False)
             return float((clip.image_features(renders) * val_feats).sum(-1).mean())
 
     history = {"loss": [], "reconstruction": [], "sparsity": [], "validation": [], "best_step": None}
@@ -420,6 +427,8 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
     step_times = []
     with frozen(unet, text_encoder, pipe.vae):
         bar = tqdm(range(1, s.steps + 1), desc="fitting", disable=not verbose, leave=False)
+        if on_step is not None:
+            on_step(0, history)
         for step in bar:
             ts = time.perf_counter()
             batch = sample_batch(latents, min(s.batch_size, latents.shape[1]), gen, n_train_t, device)
@@ -432,6 +441,8 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
             history["loss"].append(loss.item())
             history["reconstruction"].append(rec.item())
             history["sparsity"].append(sparse.item())
+            if on_step is not None:
+                on_step(step, history)
             if val_feats is not None and (step % s.val_every == 0 or step == s.steps):
                 with torch.no_grad():
                     alpha = mlp(embeddings)
@@ -440,8 +451,8 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
                 if score > best[0]:
                     best = (score, step, alpha.detach().clone())
                 bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{score:.3f}")
-                rounds_since_best = sum(1 for v in history["validation"] if v["step"] > best[1])
-                if s.val_patience > 0 and rounds_since_best >= s.val_patience:
+                if s.val_patience > 0 and best[1] is not None and \
+                        sum(v["step"] > best[1] for v in history["validation"]) >= s.val_patience:
                     history["stopped_at"] = step  # early stop: no better score for val_patience rounds
                     break
     with torch.no_grad():

@@ -20,7 +20,7 @@ def write_run(dec, pipe, out, *, overwrite: bool = False, n_grid: int = 8) -> Pa
     if (out / "decomposition.json").exists() and not overwrite:
         raise FileExistsError(f"{out}/decomposition.json exists; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    n = min(n_grid, dec.settings.get("n_train", n_grid))
+    n = min(n_grid, dec.settings.n_train)
     concept = dec.concept_images(pipe, n)
     upscale = max(1, 256 // concept.shape[-1])
     for name, images in (("concept", concept), ("reconstruction", dec.render(pipe, dec.seeds(n)))):

@@ -41,16 +41,16 @@ from IPython.display import display
 
 import conceptor_nb as cn
 from conceptor_nb.batch import decompose_many, load_decompositions, load_runs, read_log
-from conceptor_nb.config import cache_dir, profile_name, settings
+from conceptor_nb.config import cache_dir, profile
 from conceptor_nb.examples import examples, toy_spec
 from conceptor_nb.viz import save_figure
 
 ex = examples()
-s = settings()
-profile = profile_name()
-print(f"profile {profile!r}: model {s.model!r}, {s.n_train} images, {s.steps} fit steps")
-pipe = cn.load_pipeline(s.model)
-clip = cn.load_clip(s.clip)
+prof = profile()
+s = prof.settings
+print(f"profile {prof.name!r}: model {prof.model!r}, {s.n_train} images, {s.steps} fit steps")
+pipe = cn.load_pipeline(prof.model)
+clip = cn.load_clip(prof.clip)
 
 if ex.ground_truth:
     spec = toy_spec()
@@ -58,8 +58,8 @@ if ex.ground_truth:
 else:
     concepts = [f"a {c}" for c in ex.concepts]
 # under CI (profile "ci") a shorter fit with the cheap validation keeps this notebook to a few minutes
-overrides = dict(n_train=16, steps=60, val_every=20, val_patience=2) if profile == "ci" else {}
-out = cache_dir() / "batch" / profile
+overrides = dict(n_train=16, steps=60, val_every=20, val_patience=2) if prof.name == "ci" else {}
+out = cache_dir() / "batch" / prof.name
 concepts
 
 # %% [markdown]

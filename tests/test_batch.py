@@ -158,7 +158,7 @@ def test_decompose_many_records_failures_and_skips_finished(tiny_pipe, tiny_clip
     # other settings: not the same decomposition, so it is done again
     df3 = batch.decompose_many(tiny_pipe, ["a dog"], out, clip=tiny_clip, verbose=False, **{**TINY_KW, "seed": 1})
     assert _starts(out)["a-dog"] == 2 and df3.loc[0, "settings_hash"] != df.loc[0, "settings_hash"]
-    assert batch.load_decompositions(out)["a dog"].settings["seed"] == 1
+    assert batch.load_decompositions(out)["a dog"].settings.seed == 1
 
 
 # -- processes ----------------------------------------------------------------------------------------
