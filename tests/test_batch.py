@@ -97,6 +97,20 @@ def test_stale_claims_are_taken_over_and_foreign_ones_respected(tmp_path):
     assert Claim(tmp_path, "x").acquire()
 
 
+def test_batch_command_takes_every_decompose_flag():
+    from conceptor_nb.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    flags = {name: {o for a in p._actions for o in a.option_strings} for name, p in sub.items()}
+    missing = flags["decompose"] - flags["batch"] - {"--show", "--overwrite"}
+    assert not missing, missing
+    assert {"--val-patience", "--seed", "--steps", "--model", "--device"} <= flags["batch"]
+    args = sub["batch"].parse_args(["list.txt", "--val-patience", "2", "--no-flip", "--null-threshold", "none"])
+    from conceptor_nb.cli import settings_overrides
+
+    assert settings_overrides(args) == {"val_patience": 2, "flip": False, "null_threshold": None}
+
+
 # -- UNet cost and early stopping -------------------------------------------------------------------
 def test_unet_evaluation_count_matches_the_unet_calls(tiny_pipe, tiny_clip, cache):
     seen = []  # images per UNet call
@@ -138,13 +152,14 @@ def test_val_patience_stops_the_fit(tiny_pipe, tiny_clip, cache):
 # -- in-process batch ---------------------------------------------------------------------------------
 def test_decompose_many_records_failures_and_skips_finished(tiny_pipe, tiny_clip, cache, tmp_path):
     out = tmp_path / "runs"
-    concepts = ["a dog", {"concept": "a broken one", "n_train": 0}, "a cat"]
+    concepts = ["a dog", {"concept": "a broken one", "n_train": 0}, {"concept": "a cat", "seed": 3}]
     df = batch.decompose_many(tiny_pipe, concepts, out, clip=tiny_clip, verbose=False, **TINY_KW)
     assert list(df["concept"]) == ["a dog", "a broken one", "a cat"]
     assert list(df["status"]) == ["done", "failed", "done"]
     assert "n must be positive" in df.loc[1, "error"]
     assert df.loc[0, "token_1"] and df.loc[0, "coef_1"] >= df.loc[0, "coef_2"] > 0
-    assert df.loc[0, "settings_hash"] == df.loc[2, "settings_hash"]
+    assert df.loc[0, "seed"] == 0 and df.loc[2, "seed"] == 3
+    assert df.loc[0, "settings_hash"] != df.loc[2, "settings_hash"]  # the per-concept seed is part of the settings
     for slug in ("a-dog", "a-cat"):
         assert sorted(p.name for p in (out / slug).iterdir()) == [
             "batch.json", "coefficients.safetensors", "concept.png", "decomposition.json", "reconstruction.png"]
