@@ -32,6 +32,14 @@ def _batch_cmd(concepts, out):
     return [sys.executable, "-m", "conceptor_nb", "batch", str(concepts), "--out", str(out), *TINY]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _starts(out):
     return Counter(e["slug"] for e in batch.read_log(out) if e["event"] == "start")
 
@@ -208,7 +216,7 @@ def test_accelerate_two_ranks_share_the_list(tmp_path):
     concepts.write_text("a dog\na cat\na car\na tree\n")
     out = tmp_path / "runs"
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "conceptor_nb", "batch", str(concepts), "--out", str(out), "--device", "cpu", *TINY[:-1]]
     r = subprocess.run(cmd, env=_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
