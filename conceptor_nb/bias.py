@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from .checks import (as_images, bad, check_callable, check_decomposition, check_float, check_int, check_pipe,
                      check_seed, check_seeds, check_template, pipeline_resolution)
 from .conceptor import Decomposition
+from .config import default_clip_for
 from .results import load_result, save_result
 
 Classifier = Callable[[torch.Tensor], list]
@@ -163,9 +165,9 @@ def detect_bias(pipe, dec: Decomposition, attribute: dict, *, clip=None, images:
     if clip is None:
         from .models import load_clip
 
-        clip = load_clip(dec.clip or "toy", device=pipe.device)
+        clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
     if images is None:
-        images = dec.concept_images(pipe, n or dec.settings.get("n_train", 32), seed=seed, cache_dir=cache_dir,
+        images = dec.concept_images(pipe, n or dec.settings.n_train, seed=seed, cache_dir=cache_dir,
                                     verbose=verbose)
     labels = zero_shot_classifier(clip, attribute, class_template)(images)
     return _report(dec.concept, list(attribute), coefficient_mass(dec, attribute), labels,
@@ -185,13 +187,8 @@ class Mitigation:
     after: dict                      # value -> share in renders of the mitigated one
     rounds: list[dict]               # coefficient tried -> measured shares
     success: bool
-    decomposition: dict = field(default_factory=dict)  # the mitigated Decomposition, as saved
+    mitigated: Decomposition | None = None  # the rebalanced decomposition (saved in the subfolder mitigated/)
     settings: dict = field(default_factory=dict)
-
-    @property
-    def mitigated(self) -> Decomposition:
-        names = Decomposition.__dataclass_fields__
-        return Decomposition(**{k: v for k, v in self.decomposition.items() if k in names})
 
     def to_frame(self):
         import pandas as pd
@@ -218,11 +215,18 @@ class Mitigation:
         return ax
 
     def save(self, folder, overwrite: bool = False):
-        return save_result(self, folder, "mitigation", overwrite)
+        """``mitigation.json`` and the mitigated decomposition in ``mitigated/``."""
+        folder = save_result(replace(self, mitigated=None), folder, "mitigation", overwrite)
+        if self.mitigated is not None:
+            self.mitigated.save(Path(folder) / "mitigated", overwrite=overwrite)
+        return folder
 
     @classmethod
     def load(cls, folder) -> "Mitigation":
-        return load_result(cls, folder, "mitigation")
+        m = load_result(cls, folder, "mitigation")
+        if (Path(folder) / "mitigated" / "decomposition.json").exists():
+            m.mitigated = Decomposition.load(Path(folder) / "mitigated")
+        return m
 
 
 def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None = None, *, classifier: Classifier | None = None,
@@ -256,7 +260,7 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
         if clip is None:
             from .models import load_clip
 
-            clip = load_clip(dec.clip or "toy", device=pipe.device)
+            clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
         classifier = zero_shot_classifier(clip, attribute)
     t0 = time.perf_counter()
     seeds = list(seeds) if seeds is not None else list(range(2_000_000, 2_000_000 + n))
@@ -297,10 +301,8 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
             c = (lo + hi) / 2
     _, c_best, after = best
     new = with_c(c_best) if c_best != c0 else dec
-    from dataclasses import asdict
-
     return Mitigation(
         concept=dec.concept, target=target, token=token, coefficient_before=c0, coefficient_after=c_best,
-        before=before, after=after, rounds=rounds, success=best[0] <= tolerance, decomposition=asdict(new),
+        before=before, after=after, rounds=rounds, success=best[0] <= tolerance, mitigated=new,
         settings={"attribute": attribute, "seeds": seeds, "tolerance": tolerance, "seconds": time.perf_counter() - t0},
     )

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import Settings, settings_for_model
-from .errors import FitDivergedError
 from .checks import as_images, pipeline_resolution
+from .config import Settings, resolve
 from .dictionary import Dictionary, build_dictionary
+from .errors import FitDivergedError
 from .images import concept_images, generate
 from .inject import pseudo_token, tokenize, template_prompt
 from .models import model_name
@@ -103,8 +103,16 @@ def check_fields(dec, source: str):
         refuse(f"norm must be a positive number or null, got {dec.norm!r}")
     if not isinstance(dec.template, str) or dec.template.count("{}") != 1:
         refuse(f"template must contain exactly one '{{}}', got {dec.template!r}")
-    if not isinstance(dec.settings, dict) or not isinstance(dec.history, dict):
-        refuse("settings and history must be JSON objects")
+    if not isinstance(dec.history, dict):
+        refuse("history must be a JSON object")
+    if not isinstance(dec.settings, Settings):
+        refuse("settings must be a Settings (a JSON object in the file)")
+    from .checks import validate_settings
+
+    try:
+        validate_settings(dec.settings)
+    except InvalidInputError as err:
+        refuse(f"settings: {err}")
     return dec
 
 
@@ -129,8 +137,12 @@ class Decomposition:
     clip: str = ""
     dictionary_scores: list[float] = field(default_factory=list)  # CLIP score of each token, same order
     excluded: list[str] = field(default_factory=list)
-    settings: dict = field(default_factory=dict)
+    settings: Settings = field(default_factory=Settings)  # the method settings the fit ran with
     history: dict = field(default_factory=dict)  # loss, validation, best_step, timings
+
+    def __post_init__(self):
+        if isinstance(self.settings, dict):  # read from JSON
+            self.settings = Settings.from_dict(self.settings)
 
     # -- reading -------------------------------------------------------------------------------
     def top(self, k: int | None = None) -> list[tuple[str, float]]:
@@ -166,8 +178,8 @@ class Decomposition:
         s = self.settings
         return generate(
             pipe, template_prompt(self.template), list(seeds), pseudo=self.vector(pipe, n_tokens, rescale=rescale),
-            template=self.template, steps=steps or s.get("gen_steps", 50), guidance=guidance or s.get("guidance", 7.5),
-            sampler=sampler or s.get("gen_scheduler", "dpm"), batch_size=batch_size, verbose=verbose,
+            template=self.template, steps=steps or s.gen_steps, guidance=guidance or s.guidance,
+            sampler=sampler or s.sampler, batch_size=batch_size, verbose=verbose,
             desc="rendering the pseudo-token",
         )
 
@@ -177,14 +189,13 @@ class Decomposition:
         the cache when they are there), so ``render(pipe, range(seed, seed + n))`` pairs with them.
         ``seed``: start elsewhere (other images of the concept, same generation settings)."""
         s = self.settings
-        seed = s.get("seed", 0) if seed is None else seed
-        return concept_images(pipe, self.prompt, n or s.get("n_train", 8), seed, steps=s.get("gen_steps", 50),
-                              guidance=s.get("guidance", 7.5), sampler=s.get("gen_scheduler", "dpm"),
-                              cache_dir=cache_dir, verbose=verbose)
+        seed = s.seed if seed is None else seed
+        return concept_images(pipe, self.prompt, n or s.n_train, seed, steps=s.gen_steps, guidance=s.guidance,
+                              sampler=s.sampler, cache_dir=cache_dir, verbose=verbose)
 
     def seeds(self, n: int) -> list[int]:
         """The seeds of the first ``n`` training images."""
-        seed = self.settings.get("seed", 0)
+        seed = self.settings.seed
         return list(range(seed, seed + n))
 
     def with_coefficient(self, token: str, value: float, *, tokenizer=None) -> "Decomposition":
@@ -229,7 +240,10 @@ class Decomposition:
         missing = sorted(required - set(meta))
         if missing:
             raise InvalidInputError(f"{file} lacks the field(s) {', '.join(missing)}")
-        dec = cls(**{k: v for k, v in meta.items() if k in names})
+        try:
+            dec = cls(**{k: v for k, v in meta.items() if k in names})
+        except (TypeError, ValueError, AttributeError) as err:
+            raise InvalidInputError(f"{file} is not a valid decomposition: {err}") from err
         st = folder / "coefficients.safetensors"
         if st.exists():  # exact float32 values
             try:
@@ -265,9 +279,12 @@ class Decomposition:
         return f"Decomposition({self.concept!r}: {top}, ...)"
 
 
-def _resolve(pipe, settings: Settings | None, overrides: dict) -> Settings:
-    base = settings or settings_for_model(model_name(pipe))
-    return base.replace(**{k: v for k, v in overrides.items() if v is not None})
+def run_settings(pipe, settings: Settings | None = None, **overrides) -> Settings:
+    """The settings a run on ``pipe`` uses: ``settings`` (default: the profile of the pipeline's model,
+    see :func:`conceptor_nb.config.resolve`) with ``overrides`` applied, None included (``exclude_threshold=None``
+    turns that filter off)."""
+    base = settings or resolve(model_name(pipe), warn=False)[0].settings
+    return base.replace(**overrides)
 
 
 @torch.no_grad()
@@ -291,7 +308,7 @@ def check_decompose_inputs(pipe, concept, settings, overrides: dict, dictionary=
     check_setting_names(overrides)
     if settings is not None and not isinstance(settings, Settings):
         raise InvalidInputError(f"settings must be a conceptor_nb.Settings or None, got {type(settings).__name__}")
-    s = validate_settings(_resolve(pipe, settings, overrides))
+    s = validate_settings(run_settings(pipe, settings, **overrides))
     word, prompt = parse_concept(concept, s.template)
     tokenize(pipe.tokenizer, prompt)
     if dictionary is None:
@@ -325,7 +342,7 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
         val_images = as_images(val_images, "val_images", pipeline_resolution(pipe))
     timings = {}
     t0 = time.perf_counter()
-    gen = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.gen_scheduler, cache_dir=cache_dir, verbose=verbose)
+    gen = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.sampler, cache_dir=cache_dir, verbose=verbose)
     if images is None:
         images = concept_images(pipe, prompt, s.n_train, s.seed, **gen)
     if val_images is None and s.val_every > 0 and s.n_val > 0:
@@ -333,10 +350,10 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
     timings["images_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if clip is None and (dictionary is None or val_images is not None):
-        from .models import default_clip_for, load_clip
+    if isinstance(clip, str) or (clip is None and (dictionary is None or val_images is not None)):
+        from .models import load_clip
 
-        clip = load_clip(s.clip or default_clip_for(s.model), device=pipe.device)
+        clip = load_clip(clip or resolve(model_name(pipe), warn=False)[2], device=pipe.device)
     if dictionary is None:
         dictionary = build_dictionary(clip, images, word, s.dict_size, templates=s.clip_templates,
                                       exclude_concept=exclude_concept, exclude_threshold=s.exclude_threshold,
@@ -354,7 +371,7 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
         n_tokens=min(s.n_tokens, len(order)), norm=vocab_norm(pipe) if rescale else None, template=s.template,
         prompt=prompt, model=model_name(pipe), clip=getattr(clip, "name", "") or "",
         dictionary_scores=[float(dictionary.scores[i]) for i in order], excluded=list(dictionary.excluded),
-        settings=s.to_dict(), history=history,
+        settings=s, history=history,
     )
 
 
@@ -530,12 +547,15 @@ class Checkpoint:
 
 
 def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_images=None, rescale: bool = True,
-        verbose: bool = True, checkpoint=None) -> tuple[torch.Tensor, dict]:
+        verbose: bool = True, on_step=None, checkpoint=None) -> tuple[torch.Tensor, dict]:
     """Train the coefficient MLP; returns the coefficients of the best validation step and the history.
 
+    ``on_step(step, history)``: called with step 0 when the step loop starts (the latents are encoded),
+    then after each optimiser step (before any validation of that step); for progress and timing.
     ``checkpoint``: a folder; the state is saved there after each validation (every ``val_every`` steps,
     or every CHECKPOINT_EVERY without validation), and a matching saved state is resumed from.
-    A NaN or infinite loss or coefficient stops the fit with FitDivergedError."""
+    A NaN or infinite loss or coefficient stops the fit with FitDivergedError.
+    """
     from diffusers import DDPMScheduler
 
     device = pipe.unet.device
@@ -581,7 +601,7 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
     def validate(alpha) -> float:
         with torch.no_grad():
             renders = generate(pipe, template_prompt(s.template), val_seeds, pseudo=top_vector(alpha), template=s.template,
-                               steps=s.val_steps, guidance=s.guidance, sampler=s.val_scheduler, verbose=False)
+                               steps=s.val_steps, guidance=s.guidance, sampler=s.val_sampler, verbose=False)
             return float((clip.image_features(renders) * val_feats).sum(-1).mean())
 
     history = {"loss": [], "reconstruction": [], "sparsity": [], "validation": [], "best_step": None}
@@ -598,6 +618,8 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
     with frozen(unet, text_encoder, pipe.vae):
         bar = tqdm(range(start, s.steps + 1), desc="fitting", disable=not verbose, leave=False,
                    initial=start - 1, total=s.steps)
+        if on_step is not None:
+            on_step(start - 1, history)
         for step in bar:
             ts = time.perf_counter()
             batch = sample_batch(latents, min(s.batch_size, latents.shape[1]), gen, n_train_t, device)
@@ -613,6 +635,8 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
             history["loss"].append(loss.item())
             history["reconstruction"].append(rec.item())
             history["sparsity"].append(sparse.item())
+            if on_step is not None:
+                on_step(step, history)
             if val_feats is not None and (step % s.val_every == 0 or step == s.steps):
                 with torch.no_grad():
                     alpha = mlp(embeddings)

@@ -4,10 +4,12 @@ The authors' procedure: render the image from the pseudo-token with a seed;
 walk the tokens from the weakest to the strongest, zero one (and its near
 duplicates), re-render with the same seed, and drop it for good if the CLIP
 image similarity to the original stays above a threshold; repeat until
-nothing drops. Here each pass renders all of its candidates as one batch and
-drops the weakest token that passes, which gives the same result as the
-sequential walk (a token kept earlier is re-examined in the next pass, as a
-new pass of the walk would).
+nothing drops. Here each pass renders all of its candidates as one batch (one
+batched render per pass instead of one render per token) and drops the weakest
+token that passes; the next pass re-examines every remaining token. This is not
+the walk's order: after a drop the walk goes on to stronger tokens, while the
+next pass here looks at the weaker ones again first, so when several removals
+pass, the two can keep different tokens.
 """
 from __future__ import annotations
 
@@ -123,14 +125,15 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     sampler = check_choice("sampler", sampler, SAMPLERS, allow_none=True)
     max_passes = check_int("max_passes", max_passes, 1, allow_none=True)
     if clip is None:
+        from .config import default_clip_for
         from .models import load_clip
 
-        clip = load_clip(dec.clip or "toy", device=pipe.device)
+        clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
     t0 = time.perf_counter()
     n = min(n_tokens or dec.n_tokens, len(dec.tokens))
     s = dec.settings
-    kw = dict(steps=steps or s.get("gen_steps", 50), guidance=guidance or s.get("guidance", 7.5),
-              sampler=sampler or s.get("gen_scheduler", "dpm"), template=dec.template, verbose=False)
+    kw = dict(steps=steps or s.gen_steps, guidance=guidance or s.guidance, sampler=sampler or s.sampler,
+              template=dec.template, verbose=False)
     table = pipe.text_encoder.get_input_embeddings().weight
     tokens = dec.tokens[:n]
     emb = table[torch.tensor(dec.token_ids[:n], device=table.device)].float()

@@ -132,8 +132,8 @@ def sweep(pipe, dec, token: str, values, seeds, *, measure: dict | None = None, 
     vecs = torch.stack([d.vector(pipe) for d in decs]).repeat_interleave(len(seeds), dim=0)
     s = dec.settings
     images = generate(pipe, template_prompt(dec.template), seeds * len(values), pseudo=vecs, template=dec.template,
-                      steps=steps or s.get("gen_steps", 50), guidance=s.get("guidance", 7.5),
-                      sampler=s.get("gen_scheduler", "dpm"), batch_size=batch_size, verbose=False)
+                      steps=steps or s.gen_steps, guidance=s.guidance, sampler=s.sampler,
+                      batch_size=batch_size, verbose=False)
     images = images.reshape(len(values), len(seeds), *images.shape[1:])
     scores = {name: [float(fn(images[i])) for i in range(len(values))] for name, fn in (measure or {}).items()}
     return Sweep(dec.concept, token.strip().lower(), values, seeds, images, scores)

@@ -29,7 +29,7 @@ ATTR = {"red": ["red"], "blue": ["blue"]}
 def fake_dec(**kw) -> Decomposition:
     base = dict(concept="a dog", tokens=["red", "blue", "cat"], token_ids=[736, 1746, 2368],
                 coefficients=[0.5, 0.3, 0.1], n_tokens=2, norm=0.5, prompt="a photo of a dog", model="tiny",
-                clip="tiny", dictionary_scores=[0.3, 0.2, 0.1], settings=FAST.to_dict())
+                clip="tiny", dictionary_scores=[0.3, 0.2, 0.1], settings=FAST)
     base.update(kw)
     return Decomposition(**base)
 
@@ -80,7 +80,7 @@ CASES = [
     ("sparsity inf", D(sparsity=math.inf), InvalidInputError, "got inf", None),
     ("seed 2**70", D(seed=2**70), InvalidInputError, "seed must be an integer >= 0 and <= 4611686018427387904", None),
     ("seed -1", D(seed=-1), InvalidInputError, "seed must be an integer >= 0", None),
-    ("sampler bogus", D(gen_scheduler="bogus"), InvalidInputError, "gen_scheduler must be one of 'ddim'", None),
+    ("sampler bogus", D(sampler="bogus"), InvalidInputError, "sampler must be one of 'ddim'", None),
     ("autocast fp8", D(autocast="fp8"), InvalidInputError, "autocast must be one of 'auto', 'bf16', 'off'", None),
     ("flip 'yes'", D(flip="yes"), InvalidInputError, "flip must be True or False", None),
     ("template no {}", D(template="a photo"), InvalidInputError, "template must be a string with exactly one '{}'", None),
@@ -216,8 +216,8 @@ def test_errors_are_one_type_that_is_also_a_value_error():
 def test_validate_settings_accepts_the_profiles_and_normalises():
     from conceptor_nb.config import PROFILES
 
-    for s in PROFILES.values():
-        assert validate_settings(s) == s
+    for p in PROFILES.values():
+        assert validate_settings(p.settings) == p.settings
     s = validate_settings(FAST.replace(steps=np.int64(7), clip_templates=["a {}"]))
     assert type(s.steps) is int and s.steps == 7 and s.clip_templates == ("a {}",)
 
