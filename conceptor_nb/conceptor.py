@@ -324,7 +324,7 @@ def check_decompose_inputs(pipe, concept, settings, overrides: dict, dictionary=
 def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None, images: torch.Tensor | None = None,
               val_images: torch.Tensor | None = None, dictionary: Dictionary | None = None,
               exclude_concept: bool = True, rescale: bool = True, cache_dir=None, verbose: bool = True,
-              checkpoint_dir=None, **overrides) -> Decomposition:
+              checkpoint_dir=None, refresh: bool = False, **overrides) -> Decomposition:
     """Decompose ``concept`` into a weighted set of tokens of ``pipe``'s vocabulary.
 
     Every field of :class:`conceptor_nb.config.Settings` is a keyword argument
@@ -334,6 +334,7 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
     ``dictionary`` replaces the CLIP dictionary. Every input is checked before any work
     (InvalidInputError). ``checkpoint_dir``: the fit saves its state there at each validation and, when
     it finds a matching state there, resumes from it (same coefficients as an uninterrupted run).
+    ``refresh``: generate the concept images again instead of reading them from the cache.
     """
     s, word, prompt = check_decompose_inputs(pipe, concept, settings, overrides, dictionary)
     if images is not None:
@@ -342,7 +343,8 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
         val_images = as_images(val_images, "val_images", pipeline_resolution(pipe))
     timings = {}
     t0 = time.perf_counter()
-    gen = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.sampler, cache_dir=cache_dir, verbose=verbose)
+    gen = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.sampler, cache_dir=cache_dir, refresh=refresh,
+               verbose=verbose)
     if images is None:
         images = concept_images(pipe, prompt, s.n_train, s.seed, **gen)
     if val_images is None and s.val_every > 0 and s.n_val > 0:

@@ -311,3 +311,91 @@ def _tokenizer():
     from conceptor_nb.tiny import clip_tokenizer
 
     return clip_tokenizer()
+
+
+# -- the command line: every check before any model is loaded; exit code 2, one line, nothing written -----
+TINY_ARGS = ["--model", "tiny", "--quiet", "--n-train", "2", "--n-val", "0", "--steps", "2", "--gen-steps", "2",
+             "--dict-size", "8", "--val-every", "0"]
+
+
+def _user_file(name):
+    def prepare(out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"the user's own file")
+    return prepare
+
+
+CLI_CASES = [
+    # id, extra argv (OUT is replaced by the output folder), prepare(out) or None, stderr fragment
+    ("cli steps 0", ["--steps", "0"], None, "steps must be an integer >= 1, got 0"),
+    ("cli lr 1e30", ["--lr", "1e30"], None, "lr must be a finite number > 0.0 and <= 1.0"),
+    ("cli guidance nan", ["--guidance", "nan"], None, "guidance must be a finite number"),
+    ("cli sparsity nan", ["--sparsity", "nan"], None, "sparsity must be a finite number"),
+    ("cli seed 2**70", ["--seed", str(2**70)], None, "seed must be an integer >= 0 and <= "),
+    ("cli batch 0", ["--batch-size", "0"], None, "batch_size must be an integer >= 1"),
+    ("cli show -1", ["--show", "-1"], None, "--show must be an integer >= 0"),
+    ("cli out is a file", [], lambda out: out.write_text("x"), "is a file, not a folder"),
+    ("cli out unwritable", ["--out", "/proc/conceptor-test/run"], None, "cannot write to --out /proc/conceptor-test/run"),
+    ("cli user's concept.png", [], _user_file("concept.png"), "already holds concept.png"),
+    ("cli earlier decomposition", [], _user_file("decomposition.json"), "already holds decomposition.json"),
+    ("cli resume without a run", ["--resume"], None, "holds no interrupted run"),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input(case, tmp_path, cache, capsys, monkeypatch):
+    from conceptor_nb.cli import main
+
+    _, extra, prepare, fragment = case
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(conceptor_nb, "load_pipeline", no_load)
+    out = tmp_path / "run"
+    if prepare is not None:
+        prepare(out)
+    before = snapshot(tmp_path)
+    argv = ["decompose", "a dog", *TINY_ARGS, "--out", str(out), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err, err
+    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_concept_errors(tmp_path, cache, capsys, monkeypatch):
+    from conceptor_nb.cli import main
+
+    monkeypatch.setattr(conceptor_nb, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    for concept, fragment in [("  ", "the concept is empty"), ("a {} dog", "without '{' or '}'")]:
+        assert main(["decompose", concept, *TINY_ARGS, "--out", str(tmp_path / "o")]) == 2
+        assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_long_concept_default_out_and_rescue(tmp_path, cache, capsys, monkeypatch):
+    """A 60-word concept gets a short default folder; a write that fails after the fit saves the result in
+    the cache and says where; files get the user's umask."""
+    import conceptor_nb.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    concept = " ".join(["red"] * 60)
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["decompose", concept, *TINY_ARGS]) == 0
+    finally:
+        os.umask(old)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert len(run.name) <= 48 and sorted(p.name for p in run.iterdir()) == sorted(cli.OUTPUT_FILES)
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in run.iterdir())
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_write_outputs", disk_full)
+    capsys.readouterr()
+    assert cli.main(["decompose", "a dog", *TINY_ARGS, "--out", str(tmp_path / "full")]) == 1
+    err = capsys.readouterr().err
+    (rescued,) = (cache / "rescued").iterdir()
+    assert f"saved to {rescued}" in err and Decomposition.load(rescued).concept == "a dog"
