@@ -2,8 +2,15 @@
 cannot lie (other weights under the same name, damaged bytes) and survive concurrent writers."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +125,91 @@ def test_sixty_concurrent_writers_of_one_entry(tmp_path):
     tensors, meta = load_verified(target)
     assert torch.equal(tensors["x"], torch.full((64, 64), float(meta["writer"])))
     assert [p.name for p in tmp_path.iterdir()] == ["entry.safetensors"]  # no temp file left behind
+
+
+# -- the command line, in subprocesses: killed, interrupted, resumed; concurrent runs --------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_ARGS = ["--model", "tiny", "--quiet", "--n-train", "3", "--n-val", "0", "--steps", "12", "--val-every", "3",
+            "--gen-steps", "2", "--dict-size", "16"]
+# the CLI, with each fit step slowed by $SLOW seconds so that a test can interrupt it mid-fit
+SLOW_CLI = """
+import os, sys, time
+import conceptor_nb.conceptor as C
+real = C.step_loss
+def slow(*a, **k):
+    time.sleep(float(os.environ.get("SLOW", "0")))
+    return real(*a, **k)
+C.step_loss = slow
+from conceptor_nb.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli(tmp_path, cache, out, *extra, slow=0.0):
+    script = tmp_path / "slow_cli.py"
+    script.write_text(SLOW_CLI)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CONCEPTOR_CACHE": str(cache), "SLOW": str(slow),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), "decompose", "a dog", *CLI_ARGS, "--out", str(out), *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _checkpoint_step(out) -> int:
+    from conceptor_nb.results import load_verified
+
+    file = out / ".checkpoint" / "fit_state.safetensors"
+    if not file.exists():
+        return 0
+    try:
+        return json.loads(load_verified(file)[1]["state"])["step"]
+    except Exception:  # noqa: BLE001 - mid-rename on some systems: try again
+        return 0
+
+
+def _interrupt_after(proc, out, step, sig, timeout=240):
+    t0 = time.time()
+    while _checkpoint_step(out) < step:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, "no checkpoint in time"
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    return proc.communicate(timeout=120)
+
+
+
+def test_killed_and_interrupted_cli_run_resumes_to_the_same_coefficients(tmp_path, cache):
+    ref = _cli(tmp_path, cache, tmp_path / "ref")
+    assert ref.wait(timeout=300) == 0, ref.communicate()
+    out = tmp_path / "run"
+    # 1. killed outright (no chance to clean up) after the checkpoint of step 3
+    _interrupt_after(_cli(tmp_path, cache, out, slow=0.3), out, 3, signal.SIGKILL)
+    assert not (out / "decomposition.json").exists()
+    # 2. re-run: continues from step 3; Ctrl-C after step 6 -> one line, exit 130
+    proc = _cli(tmp_path, cache, out, slow=0.3)
+    _, err = _interrupt_after(proc, out, 6, signal.SIGINT)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: its last checkpoint")
+    assert "continuing it" in err  # it said it resumed the killed run
+    # 3. --resume finishes
+    proc = _cli(tmp_path, cache, out, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert (out / "coefficients.safetensors").read_bytes() == (tmp_path / "ref" / "coefficients.safetensors").read_bytes()
+    a = json.loads((out / "decomposition.json").read_text())
+    b = json.loads((tmp_path / "ref" / "decomposition.json").read_text())
+    assert a["coefficients"] == b["coefficients"] and a["history"]["loss"] == b["history"]["loss"]
+    assert not (out / ".checkpoint").exists()
+    for entry in cache.glob("images/*/images.safetensors"):  # the cache stayed readable
+        load_verified(entry)
+
+
+def test_two_concurrent_runs_share_a_cache(tmp_path, cache):
+    procs = [_cli(tmp_path, cache, tmp_path / f"run{i}") for i in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert (tmp_path / "run0" / "coefficients.safetensors").read_bytes() == \
+        (tmp_path / "run1" / "coefficients.safetensors").read_bytes()
+    entries = list(cache.glob("images/*/images.safetensors"))
+    assert entries and all(load_verified(e) for e in entries)
+    assert not [p for p in cache.rglob("*.tmp")]  # no temp file left behind
