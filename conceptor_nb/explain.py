@@ -118,8 +118,8 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     check_decomposition("dec", dec)
     seed = check_seed("seed", seed)
     n_tokens = check_int("n_tokens", n_tokens, 1, allow_none=True)
-    threshold = check_float("threshold", threshold, -1.0, 1.0)
-    duplicate_threshold = check_float("duplicate_threshold", duplicate_threshold, -1.0, 1.0, allow_none=True)
+    threshold = check_float("threshold", threshold)  # outside [-1, 1]: drop every token, or none
+    duplicate_threshold = check_float("duplicate_threshold", duplicate_threshold, allow_none=True)
     steps = check_int("steps", steps, 1, 1000, allow_none=True)
     guidance = check_float("guidance", guidance, 0.0, 100.0, allow_none=True)
     sampler = check_choice("sampler", sampler, SAMPLERS, allow_none=True)

@@ -18,10 +18,15 @@ def set_coefficient(dec, token: str, value: float, *, tokenizer=None):
     outside it (the dictionary's tail, or a new word, which needs ``tokenizer``)
     joins it. ``value=0`` removes a token's contribution.
     """
-    from .checks import check_decomposition, check_float, check_token
+    import math
+    import numbers
+
+    from .checks import bad, check_decomposition, check_token
 
     check_decomposition("dec", dec)
-    value = check_float("value", value, 0.0)  # coefficients are non-negative (alpha = |f(w)|)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise bad("value", value, "a finite non-negative number (coefficients are alpha = |f(w)|)")
+    value = float(value)
     token = check_token("token", token)
     new = copy.deepcopy(dec)
     n = new.n_tokens

@@ -137,9 +137,9 @@ CASES = [
     ("sweep two words", lambda c: sweep(c.pipe, c.dec, "red car", [0.1], [0]), InvalidInputError,
      "token must be a single word", None),
     ("set_coefficient nan", lambda c: set_coefficient(c.dec, "red", math.nan), InvalidInputError,
-     "value must be a finite number >= 0.0, got nan", None),
+     "value must be a finite non-negative number (coefficients are alpha = |f(w)|), got nan", None),
     ("set_coefficient -1", lambda c: set_coefficient(c.dec, "red", -1), InvalidInputError,
-     "value must be a finite number >= 0.0, got -1", None),
+     "value must be a finite non-negative number (coefficients are alpha = |f(w)|), got -1", None),
     # loading
     ("load missing folder", lambda c: Decomposition.load(c.tmp / "nowhere"), InvalidInputError, "it does not exist", None),
     ("load folder is a file", lambda c: Decomposition.load(c.tmp / "f"), InvalidInputError, "it is a file",
