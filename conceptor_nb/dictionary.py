@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .config import cache_dir as default_cache_dir
 from .errors import CacheError
 from .checks import concept_word  # noqa: F401  (the one concept parser lives in checks)
-from .images import _writable
+from .images import _writable, clip_fingerprint
 from .results import load_verified, save_verified
 
 
@@ -50,7 +50,7 @@ def vocab_text_features(clip, templates=("a photo of a {}",), *, cache_dir=None,
     CLIP model and template list, cached as safetensors.
     """
     tok = clip.tokenizer
-    key = dict(clip=clip.name, templates=list(templates), vocab=len(tok))
+    key = dict(clip=clip.name, weights=clip_fingerprint(clip), templates=list(templates), vocab=len(tok))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     file = None
     if cache_dir is not False:

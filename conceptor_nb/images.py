@@ -83,6 +83,28 @@ def _writable(folder: Path) -> Path:
     return folder
 
 
+def _hash_modules(h, modules: dict) -> None:
+    """Every parameter/buffer of each module: its name, shape, dtype and 16 evenly spaced values."""
+    with torch.no_grad():
+        for part, module in modules.items():
+            for name, p in module.state_dict().items():
+                flat = p.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 16)][:16].cpu().contiguous()
+                h.update(f"{part}.{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+                h.update(sample.view(torch.uint8).numpy().tobytes())
+
+
+def _memo(obj, compute) -> str:
+    memo = getattr(obj, "_conceptor_fingerprint", None)
+    if memo is None:
+        memo = compute()
+        try:
+            obj._conceptor_fingerprint = memo
+        except AttributeError:  # pragma: no cover - an object that takes no attributes: not memoised
+            pass
+    return memo
+
+
 def weights_fingerprint(pipe) -> str:
     """A short hash of the pipeline's weights and of the parts that shape its images (scheduler, tokenizer).
 
@@ -91,27 +113,25 @@ def weights_fingerprint(pipe) -> str:
     Computed once per pipeline object and memoised on it (change weights in place: ``del
     pipe._conceptor_fingerprint``).
     """
-    memo = getattr(pipe, "_conceptor_fingerprint", None)
-    if memo is not None:
-        return memo
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for part in ("unet", "vae", "text_encoder"):
-            module = getattr(pipe, part)
-            for name, p in module.state_dict().items():
-                flat = p.detach().reshape(-1)
-                step = max(1, flat.numel() // 16)
-                sample = flat[::step][:16].cpu().contiguous()
-                h.update(f"{part}.{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-                h.update(sample.view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
-    h.update(str(len(pipe.tokenizer)).encode())
-    digest = h.hexdigest()[:16]
-    try:
-        pipe._conceptor_fingerprint = digest
-    except AttributeError:  # pragma: no cover
-        pass
-    return digest
+    def compute():
+        h = hashlib.sha256()
+        _hash_modules(h, {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder})
+        h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+        h.update(str(len(pipe.tokenizer)).encode())
+        return h.hexdigest()[:16]
+
+    return _memo(pipe, compute)
+
+
+def clip_fingerprint(clip) -> str:
+    """The same for a CLIP model (``conceptor_nb.models.Clip``): its weights and tokenizer size."""
+    def compute():
+        h = hashlib.sha256()
+        _hash_modules(h, {"clip": clip.model})
+        h.update(str(len(clip.tokenizer)).encode())
+        return h.hexdigest()[:16]
+
+    return _memo(clip, compute)
 
 
 def concept_images(pipe, prompt: str, n: int, seed: int = 0, *, steps: int = 50, guidance: float = 7.5,

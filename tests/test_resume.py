@@ -213,3 +213,13 @@ def test_two_concurrent_runs_share_a_cache(tmp_path, cache):
     entries = list(cache.glob("images/*/images.safetensors"))
     assert entries and all(load_verified(e) for e in entries)
     assert not [p for p in cache.rglob("*.tmp")]  # no temp file left behind
+
+
+def test_other_clip_weights_under_the_same_name_miss_the_vocabulary_cache(tiny_clip, cache):
+    from conceptor_nb import load_clip
+    from conceptor_nb.dictionary import vocab_text_features
+
+    other = load_clip("tiny", device="cpu", seed=1)
+    assert other.name == tiny_clip.name
+    a, b = vocab_text_features(tiny_clip, verbose=False), vocab_text_features(other, verbose=False)
+    assert not torch.equal(a, b) and len(list(cache.glob("vocab/*.safetensors"))) == 2
