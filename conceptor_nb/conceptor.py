@@ -541,12 +541,6 @@ class Checkpoint:
         state["best"] = (score, state["best_step"], alpha)
         return state
 
-    def remove(self) -> None:
-        try:
-            self.file.unlink()
-        except FileNotFoundError:
-            pass
-
 
 def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_images=None, rescale: bool = True,
         verbose: bool = True, on_step=None, checkpoint=None) -> tuple[torch.Tensor, dict]:

@@ -183,10 +183,10 @@ def test_killed_and_interrupted_cli_run_resumes_to_the_same_coefficients(tmp_pat
     assert ref.wait(timeout=300) == 0, ref.communicate()
     out = tmp_path / "run"
     # 1. killed outright (no chance to clean up) after the checkpoint of step 3
-    _interrupt_after(_cli(tmp_path, cache, out, slow=0.3), out, 3, signal.SIGKILL)
+    _interrupt_after(_cli(tmp_path, cache, out, slow=0.5), out, 3, signal.SIGKILL)
     assert not (out / "decomposition.json").exists()
     # 2. re-run: continues from step 3; Ctrl-C after step 6 -> one line, exit 130
-    proc = _cli(tmp_path, cache, out, slow=0.3)
+    proc = _cli(tmp_path, cache, out, slow=0.5)
     _, err = _interrupt_after(proc, out, 6, signal.SIGINT)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: its last checkpoint")
