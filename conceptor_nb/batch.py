@@ -21,6 +21,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -33,6 +34,7 @@ from .config import Settings
 from .runfolder import is_complete, write_run
 
 CLAIMS = ".claims"
+CHECKPOINT_DIR = ".checkpoint"  # as conceptor decompose: the fit's state while it runs
 STALE_AFTER_S = 600.0   # a claim not refreshed for this long is stale, whoever holds it
 HEARTBEAT_S = 30.0
 TOP_K = 10
@@ -318,7 +320,8 @@ def unet_evaluations(settings: dict, history: dict) -> dict:
     return {"unet_generation": gen, "unet_fit": fit, "unet_validation": val, "unet_total": gen + fit + val}
 
 
-def run_one(pipe, job: Job, out, base: Settings, *, clip=None, rank: int = 0, recompute: bool = False) -> str:
+def run_one(pipe, job: Job, out, base: Settings, *, clip=None, rank: int = 0, recompute: bool = False,
+            refresh: bool = False) -> str:
     """Decompose one concept into ``out/<slug>`` unless done; returns 'done', 'skipped', 'failed' or 'claimed'."""
     from .conceptor import decompose
 
@@ -341,10 +344,13 @@ def run_one(pipe, job: Job, out, base: Settings, *, clip=None, rank: int = 0, re
         t0 = time.perf_counter()
         try:
             (folder / "decomposition.json").unlink(missing_ok=True)  # other settings, or recompute: not done
-            dec = decompose(pipe, job.concept, clip=clip, settings=s, verbose=False)
+            # the fit's state goes to .checkpoint/ at each validation: a killed run resumes mid-fit
+            dec = decompose(pipe, job.concept, clip=clip, settings=s, verbose=False, refresh=refresh,
+                            checkpoint_dir=folder / CHECKPOINT_DIR)
             t1 = time.perf_counter()
             dec.history["timings"]["total_s"] = t1 - t0
             write_run(dec, pipe, folder, overwrite=True)
+            shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)
             record.update(status="done", error="", write_s=time.perf_counter() - t1)
         except Exception as err:  # recorded; the batch goes on
             record.update(status="failed", error=f"{type(err).__name__}: {err}")
@@ -447,7 +453,8 @@ def _state(state):
 
 
 def decompose_many(pipe, concepts, out="runs", *, clip=None, settings: Settings | None = None, top: int = TOP_K,
-                   recompute: bool = False, verbose: bool = True, state=None, wait: bool = True, **overrides):
+                   recompute: bool = False, refresh: bool = False, verbose: bool = True, state=None,
+                   wait: bool = True, **overrides):
     """Decompose every concept into ``out/<slug>/``; returns the summary DataFrame (also written to
     ``out/summary.csv`` and ``summary.json``).
 
@@ -455,6 +462,7 @@ def decompose_many(pipe, concepts, out="runs", *, clip=None, settings: Settings 
     per-concept overrides. Every :class:`Settings` field is a keyword argument, as for ``decompose``.
     Finished concepts (same settings) are skipped unless ``recompute``. Under ``accelerate launch``
     (or with an accelerate ``state``) each rank takes its share and the main rank writes the summary.
+    ``refresh``: generate the concept images again instead of reading them from the cache.
     ``wait``: before writing the summary, wait for concepts of the list that other live processes hold.
     """
     from tqdm.auto import tqdm
@@ -477,7 +485,7 @@ def decompose_many(pipe, concepts, out="runs", *, clip=None, settings: Settings 
                    disable=not verbose, position=rank, dynamic_ncols=True)
         for job in bar:
             bar.set_postfix_str(job.concept)
-            result = run_one(pipe, job, out, base, clip=clip, rank=rank, recompute=recompute)
+            result = run_one(pipe, job, out, base, clip=clip, rank=rank, recompute=recompute, refresh=refresh)
             counts[result] = counts.get(result, 0) + 1
         bar.close()
     state.wait_for_everyone()
@@ -506,6 +514,7 @@ def add_parser(sub) -> None:
     add_model_flags(p)
     p.add_argument("--top", type=int, default=TOP_K, help="tokens per concept in the summary")
     p.add_argument("--recompute", action="store_true", help="decompose finished concepts again")
+    p.add_argument("--refresh", action="store_true", help="generate the concept images again instead of reading the cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_settings_flags(p)
     p.set_defaults(func=cmd_batch)
@@ -536,7 +545,7 @@ def cmd_batch(args) -> int:
     pipe = load_pipeline(model, device=device)
     clip = load_clip(clip_name, device=pipe.device)
     df = decompose_many(pipe, jobs, args.out, clip=clip, settings=prof.settings, top=args.top,
-                        recompute=args.recompute, verbose=not args.quiet, state=state, **settings_overrides(args))
+                        recompute=args.recompute, refresh=args.refresh, verbose=not args.quiet, state=state, **settings_overrides(args))
     if not state.is_main_process:
         return 0
     n = df["status"].value_counts().to_dict()

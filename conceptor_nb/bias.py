@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .checks import (as_images, bad, check_callable, check_decomposition, check_float, check_int, check_pipe,
+                     check_seed, check_seeds, check_template, pipeline_resolution)
 from .conceptor import Decomposition
 from .config import default_clip_for
 from .results import load_result, save_result
@@ -21,13 +23,14 @@ Classifier = Callable[[torch.Tensor], list]
 
 
 def _check_attribute(attribute: dict) -> dict:
+    accepted = "a dict mapping at least two values to word lists, e.g. {'man': ['man'], 'woman': ['woman']}"
     if not isinstance(attribute, dict) or len(attribute) < 2:
-        raise ValueError("attribute must map at least two values to word lists, e.g. {'man': ['man'], 'woman': ['woman']}")
+        raise bad("attribute", attribute, accepted)
     out = {}
     for value, words in attribute.items():
-        words = [words] if isinstance(words, str) else list(words)
-        if not words:
-            raise ValueError(f"attribute value {value!r} has no words")
+        words = [words] if isinstance(words, str) else list(words) if isinstance(words, (list, tuple, set)) else None
+        if not words or not all(isinstance(w, str) and w.strip() for w in words):
+            raise bad(f"attribute[{value!r}]", attribute[value], "a non-empty list of words")
         out[str(value)] = [w.strip().lower() for w in words]
     return out
 
@@ -150,7 +153,15 @@ def detect_bias(pipe, dec: Decomposition, attribute: dict, *, clip=None, images:
     ``images``: the concept's images (default: its generated training images,
     from the cache). ``oracle``: a ground-truth classifier, images -> values.
     """
+    check_pipe(pipe)
+    check_decomposition("dec", dec)
     attribute = _check_attribute(attribute)
+    n = check_int("n", n, 1, allow_none=True)
+    seed = check_seed("seed", seed, allow_none=True)
+    check_callable("oracle", oracle)
+    check_template("class_template", class_template)
+    if images is not None:
+        images = as_images(images, "images", pipeline_resolution(pipe))
     if clip is None:
         from .models import load_clip
 
@@ -228,11 +239,23 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
     the shares with ``classifier`` (default: CLIP zero-shot); the coefficient is
     found by doubling, then bisection on the measured share.
     """
+    check_pipe(pipe)
+    check_decomposition("dec", dec)
     attribute = _check_attribute(attribute)
     values = list(attribute)
+    if target is not None and not isinstance(target, dict):
+        raise bad("target", target, f"a dict giving a share for each of {values}, summing to 1, or None")
     target = dict(target or {v: 1 / len(values) for v in values})
-    if set(target) != set(values) or abs(sum(target.values()) - 1) > 1e-6:
-        raise ValueError(f"target must give a share for each of {values}, summing to 1")
+    if set(target) != set(values) or not all(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1
+                                             for v in target.values()) or abs(sum(target.values()) - 1) > 1e-6:
+        raise bad("target", target, f"a share in [0, 1] for each of {values}, summing to 1")
+    check_callable("classifier", classifier)
+    n = check_int("n", n, 1)
+    tolerance = check_float("tolerance", tolerance, 0.0, 1.0, lo_open=True)
+    max_rounds = check_int("max_rounds", max_rounds, 1, 100)
+    steps = check_int("steps", steps, 1, 1000, allow_none=True)
+    if seeds is not None:
+        seeds = check_seeds("seeds", seeds)
     if classifier is None:
         if clip is None:
             from .models import load_clip

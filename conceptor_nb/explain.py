@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import SAMPLERS, check_choice, check_decomposition, check_float, check_int, check_pipe, check_seed
 from .conceptor import Decomposition, combine
 from .images import generate
 from .inject import template_prompt
@@ -113,6 +114,16 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     ``clip``: the CLIP model that scores image similarity (default: the one that
     goes with the decomposition).
     """
+    check_pipe(pipe)
+    check_decomposition("dec", dec)
+    seed = check_seed("seed", seed)
+    n_tokens = check_int("n_tokens", n_tokens, 1, allow_none=True)
+    threshold = check_float("threshold", threshold)  # outside [-1, 1]: drop every token, or none
+    duplicate_threshold = check_float("duplicate_threshold", duplicate_threshold, allow_none=True)
+    steps = check_int("steps", steps, 1, 1000, allow_none=True)
+    guidance = check_float("guidance", guidance, 0.0, 100.0, allow_none=True)
+    sampler = check_choice("sampler", sampler, SAMPLERS, allow_none=True)
+    max_passes = check_int("max_passes", max_passes, 1, allow_none=True)
     if clip is None:
         from .config import default_clip_for
         from .models import load_clip

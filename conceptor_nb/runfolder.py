@@ -14,6 +14,9 @@ RUN_FILES = ("decomposition.json", "coefficients.safetensors", "concept.png", "r
 
 def write_run(dec, pipe, out, *, overwrite: bool = False, n_grid: int = 8) -> Path:
     """Write ``dec`` and its concept/reconstruction grids into ``out``; returns ``out``."""
+    import io
+
+    from .results import atomic_write
     from .viz import image_grid
 
     out = Path(out)
@@ -24,9 +27,9 @@ def write_run(dec, pipe, out, *, overwrite: bool = False, n_grid: int = 8) -> Pa
     concept = dec.concept_images(pipe, n)
     upscale = max(1, 256 // concept.shape[-1])
     for name, images in (("concept", concept), ("reconstruction", dec.render(pipe, dec.seeds(n)))):
-        tmp = out / f"{name}.tmp.png"
-        image_grid(images, nrow=n, upscale=upscale).save(tmp)
-        tmp.replace(out / f"{name}.png")
+        buf = io.BytesIO()
+        image_grid(images, nrow=n, upscale=upscale).save(buf, format="png")
+        atomic_write(out / f"{name}.png", buf.getvalue())
     dec.save(out, overwrite=True)  # last: its presence marks the folder complete
     return out
 

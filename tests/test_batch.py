@@ -110,7 +110,8 @@ def test_batch_command_takes_every_decompose_flag():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     flags = {name: {o for a in p._actions for o in a.option_strings} for name, p in sub.items()}
-    missing = flags["decompose"] - flags["batch"] - {"--show", "--overwrite"}
+    # a batch always continues interrupted work (no --resume) and skips finished concepts (--recompute, not --overwrite)
+    missing = flags["decompose"] - flags["batch"] - {"--show", "--overwrite", "--resume"}
     assert not missing, missing
     assert {"--val-patience", "--seed", "--steps", "--model", "--device"} <= flags["batch"]
     args = sub["batch"].parse_args(["list.txt", "--val-patience", "2", "--no-flip", "--null-threshold", "none"])
@@ -164,7 +165,7 @@ def test_decompose_many_records_failures_and_skips_finished(tiny_pipe, tiny_clip
     df = batch.decompose_many(tiny_pipe, concepts, out, clip=tiny_clip, verbose=False, **TINY_KW)
     assert list(df["concept"]) == ["a dog", "a broken one", "a cat"]
     assert list(df["status"]) == ["done", "failed", "done"]
-    assert "n must be positive" in df.loc[1, "error"]
+    assert "n_train must be an integer >= 1" in df.loc[1, "error"]
     assert df.loc[0, "token_1"] and df.loc[0, "coef_1"] >= df.loc[0, "coef_2"] > 0
     assert df.loc[0, "seed"] == 0 and df.loc[2, "seed"] == 3
     assert df.loc[0, "settings_hash"] != df.loc[2, "settings_hash"]  # the per-concept seed is part of the settings

@@ -40,7 +40,7 @@ def test_report_is_one_offline_file_with_every_concept(runs, tmp_path):
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # nothing fetched from anywhere
     assert text.count('<section class="card done"') == 2 and text.count('<section class="card failed"') == 1
     assert "a &lt;cat&gt; &amp; friends" in text and "<cat>" not in text  # escaped
-    assert "n must be positive" in text
+    assert "n_train must be an integer &gt;= 1" in text
     srcs = re.findall(r'<img [^>]*src="([^"]+)"', text)
     assert len(srcs) == 2 * 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
     # the top-10 table of a concept holds its first 10 tokens, in order
