@@ -5,9 +5,12 @@ One function per stage::
     pipe = load_pipeline("toy")                  # or a Stable Diffusion folder / hub id
     dec = decompose(pipe, "a dog")               # images -> dictionary -> fit
     dec.to_frame(); dec.plot(); dec.render(pipe, seeds=range(4))
+    explain_image(pipe, dec, seed=0); detect_bias(...); mitigate_bias(...); sweep(...)
+    decompose_many(pipe, ["a dog", "a cat"], out="runs")   # many concepts, resumable
 """
+from .batch import decompose_many, load_runs
 from .bias import BiasReport, Mitigation, detect_bias, mitigate_bias
-from .config import Settings, settings
+from .config import Profile, Settings, profile, settings
 from .conceptor import Decomposition, decompose, decomposition_table
 from .dictionary import Dictionary, build_dictionary
 from .explain import ImageExplanation, explain_image
@@ -24,5 +27,5 @@ __all__ = [
     "mitigate_bias", "panel", "set_coefficient", "sweep",
     "CacheError", "ConceptorError", "FitDivergedError", "InvalidInputError", "OutputError", "Decomposition", "Dictionary", "ModelNotFoundError", "Settings",
     "build_dictionary", "concept_images", "decompose", "decomposition_table", "generate", "load_clip", "load_pipeline",
-    "pseudo_token", "settings",
+    "pseudo_token", "settings", "Profile", "profile", "decompose_many", "load_runs",
 ]
