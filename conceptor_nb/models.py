@@ -66,6 +66,11 @@ def _offline_hint(name: str, err: Exception | None = None) -> ModelNotFoundError
 
 
 def _hub_cache() -> str:
+    """The hub cache folder as the environment says now (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]).expanduser() / "hub")
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
@@ -176,7 +181,7 @@ def _resolve_folder(name: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        found = try_to_load_from_cache(name, "model_index.json")
+        found = try_to_load_from_cache(name, "model_index.json", cache_dir=_hub_cache())
     except Exception:  # an id the hub library refuses (bad characters): not in the cache
         return None
     return Path(found).parent if isinstance(found, str) else None
@@ -451,7 +456,7 @@ def _resolve_clip_folder(name: str):
         from huggingface_hub import try_to_load_from_cache
 
         try:
-            found = try_to_load_from_cache(name, "config.json")
+            found = try_to_load_from_cache(name, "config.json", cache_dir=_hub_cache())
         except Exception:
             found = None
         if isinstance(found, str):

@@ -75,7 +75,7 @@ def _write_json(path: Path, d: dict) -> None:
 
 def _shrunk_unet(cfg: dict, text_width: int, pooled_width: int | None) -> dict:
     n = len(cfg["block_out_channels"])
-    new = dict(block_out_channels=[32] * n, layers_per_block=1, cross_attention_dim=text_width)
+    new = dict(block_out_channels=[16] * n, layers_per_block=1, cross_attention_dim=text_width, norm_num_groups=8)
     head = cfg.get("attention_head_dim")
     new["attention_head_dim"] = [2] * n if isinstance(head, list) else 2
     if isinstance(cfg.get("transformer_layers_per_block"), list):
@@ -87,7 +87,7 @@ def _shrunk_unet(cfg: dict, text_width: int, pooled_width: int | None) -> dict:
 
 
 def _shrunk_vae(cfg: dict) -> dict:
-    return dict(block_out_channels=[32] * len(cfg["block_out_channels"]), layers_per_block=1)
+    return dict(block_out_channels=[8] * len(cfg["block_out_channels"]), layers_per_block=1, norm_num_groups=4)
 
 
 def _save(model, folder: Path, cfg: dict, variants, config_name="config.json") -> None:
