@@ -166,7 +166,8 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     token_images = generate(pipe, prompt, [seed] * len(kept_idx), pseudo=one_hot, **kw) if kept_idx else image[:0]
     return ImageExplanation(
         concept=dec.concept, seed=int(seed), kept=kept, kept_coefficients=[float(coef[i]) for i in kept_idx],
-        trace=trace, image=image.cpu().clone(), kept_image=kept_image.cpu().clone(),  # own memory: safetensors refuses shared tensors token_images=token_images.cpu(),
+        # each tensor owns its memory (on CPU .cpu() is the same tensor): safetensors refuses shared ones
+        trace=trace, image=image.cpu().clone(), kept_image=kept_image.cpu().clone(), token_images=token_images.cpu(),
         kept_similarity=float(kept_sim),
         settings={"threshold": threshold, "duplicate_threshold": duplicate_threshold, "n_tokens": n,
                   "steps": kw["steps"], "guidance": kw["guidance"], "sampler": kw["sampler"],
