@@ -202,7 +202,7 @@ def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | N
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
 
     if not name_or_path or not str(name_or_path).strip():
-        raise ModelNotFoundError("model name is empty: pass 'toy', 'tiny', a folder, a hub id or a .safetensors file")
+        raise ValueError("model name is empty: pass 'toy', 'tiny', a folder, a hub id or a .safetensors file")
     device = pick_device(device)
     if dtype is None:
         dtype = default_dtype(device)
