@@ -319,13 +319,19 @@ def _seed_vocab_cache(home, cache):
     save_file({"features": feats}, cache / "vocab" / f"{digest}.safetensors")
 
 
-def test_every_application_runs_on_a_stable_diffusion_cache(offline_home, tmp_path):
+@pytest.mark.parametrize("repo", [
+    fakehub.SD15,
+    pytest.param(fakehub.SD21_BASE, marks=pytest.mark.slow),
+    pytest.param(fakehub.SD21, marks=pytest.mark.slow),
+    pytest.param(fakehub.SDXL, marks=pytest.mark.slow),
+])
+def test_every_application_runs_on_a_stable_diffusion_cache(offline_home, tmp_path, repo):
     from conceptor_nb import decompose, detect_bias, explain_image, mitigate_bias, panel, sweep
 
-    offline_home(fakehub.SD15, fakehub.CLIP_B32)
-    pipe = load_pipeline(fakehub.SD15, device="cpu")
+    offline_home(repo, fakehub.CLIP_B32)
+    pipe = load_pipeline(repo, device="cpu")
     clip = load_clip(fakehub.CLIP_B32, device="cpu")
-    s = settings("sd").replace(model=fakehub.SD15, **SMALL)
+    s = settings("sd").replace(model=repo, **SMALL)
     dec = decompose(pipe, "a president", clip=clip, settings=s, cache_dir=tmp_path, verbose=False)
     assert len(dec.tokens) == 12
     ex = explain_image(pipe, dec, seed=0, clip=clip, n_tokens=2, steps=1, threshold=1.01)  # nothing drops
