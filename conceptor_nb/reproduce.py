@@ -9,7 +9,9 @@ CLIP ViT-B/32, 100/20 images, N=5000, n=50, 500 steps: the ``sd`` settings) and 
   reports, and how many of those are in our top-10 (``overlap@10``, with the share of the reported ones);
 * ``reproduction.png``: each concept's top-10 coefficients, reported tokens highlighted.
 
-Meant for a GPU (about 10-12 minutes a concept on one H100 with the authors' settings; see README).
+Meant for a GPU: an estimate (not yet measured on real weights) is 3-6 minutes a concept on one H100 with
+the authors' settings (120 images at 50 steps, 500 fit steps of 6, 10 validations of 20 images), plus the
+vocabulary embedding once per CLIP; see README.
 Every setting can be overridden (``--steps 100`` ...) for a quicker look. A concept already decomposed
 in ``--out`` is read back, not refitted (``--overwrite`` refits).
 """
