@@ -302,7 +302,11 @@ def load_single_file(path: str, dtype: torch.dtype, config: str | None = None):
             f"checkpoint {file} is not a Stable Diffusion checkpoint in the original single-file layout "
             f"(no model.diffusion_model.* weights); for a diffusers folder pass the folder")
     kind = infer_diffusers_model_type(state)
-    xl = kind.startswith("xl")
+    if kind not in ("v1", "v2", "xl_base"):
+        raise ModelNotFoundError(
+            f"checkpoint {file} is a {kind!r} checkpoint (diffusers' name for it); supported single files: "
+            f"Stable Diffusion 1.x ('v1'), 2.x ('v2') and SDXL base ('xl_base')")
+    xl = kind == "xl_base"
     if config is None:
         default = fetch_diffusers_config(state)["pretrained_model_name_or_path"]
         candidates = (default,) + CONFIG_ALIASES.get(default, ())

@@ -172,6 +172,42 @@ def test_a_single_file_without_its_configs_says_what_to_put_where(tmp_path, monk
     assert issubclass(ModelNotFoundError, ConceptorError)
 
 
+@pytest.mark.parametrize("key,width,repo,cls", [
+    ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", 768, fakehub.SD15,
+     "StableDiffusionPipeline"),
+    ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", 1024, fakehub.SD21,
+     "StableDiffusionPipeline"),
+    ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", None, fakehub.SDXL,
+     "StableDiffusionXLPipeline"),
+])
+def test_a_single_file_gets_the_configs_of_its_kind_from_the_local_cache(offline_home, tmp_path, monkeypatch,
+                                                                         key, width, repo, cls):
+    """diffusers' from_single_file is called offline with the cached snapshot of the checkpoint's repo as
+    config (SD 1.x: diffusers names stable-diffusion-v1-5/..., the cache holds runwayml/...)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    home = offline_home(repo)
+    tensors = {"model.diffusion_model.out.2.bias": torch.zeros(4)}
+    tensors[key] = torch.zeros(320, width) if width else torch.zeros(4)
+    file = tmp_path / "model.safetensors"
+    save_file(tensors, file)
+    calls = []
+
+    def fake_from_single_file(klass, path, **kw):
+        calls.append((klass.__name__, path, kw))
+        return klass.from_pretrained(kw["config"], dtype=kw["dtype"], **({} if "XL" in klass.__name__ else
+                                     {"safety_checker": None, "requires_safety_checker": False}))
+
+    for name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        monkeypatch.setattr(getattr(diffusers, name), "from_single_file", classmethod(fake_from_single_file))
+    pipe = load_pipeline(str(file), device="cpu")
+    (name, path, kw), = calls
+    assert name == cls and path == str(file)
+    assert Path(kw["config"]) == fakehub.snapshot(home, repo) and kw["local_files_only"] is True
+    assert pipe.conceptor_model == str(file)
+
+
 # -- the fit on each kind of model ------------------------------------------------------------------------
 class TargetUNet(torch.nn.Module):
     """Returns the training target of the batch the fit drew (recorded by a wrapped sample_batch)."""
