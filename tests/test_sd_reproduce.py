@@ -1,5 +1,4 @@
 """The paper-reproduction script: its comparison with the reported tokens, and (GPU) the run itself."""
-import os
 import sys
 from pathlib import Path
 
