@@ -54,9 +54,18 @@ def _offline(name: str) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
+def _root_cause(err: Exception) -> str:
+    """The innermost error of a chain, as text: diffusers' own message can say "see the stacktrace above",
+    which a caught error does not show."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).replace(" Please check out the root cause in the stacktrace above.", "")
+    return f"{type(err).__name__}: {text}"
+
+
 def _offline_hint(name: str, err: Exception | None = None) -> ModelNotFoundError:
     how = "HF_HUB_OFFLINE is set, so only" if _offline(name) else "Only"
-    under = f" Underlying error: {type(err).__name__}: {err}" if err is not None else ""
+    under = f" Underlying error: {_root_cause(err)}" if err is not None else ""
     return ModelNotFoundError(
         f"could not load model {name!r}: it is not a local folder, and it is not in the local Hugging Face cache "
         f"({_hub_cache()}). {how} checkpoints already in that cache can be used (set HF_HOME to where they are). "
@@ -252,7 +261,7 @@ def _from_pretrained(name: str, dtype: torch.dtype, device: torch.device):
         with quiet_loading():
             return cls.from_pretrained(folder, **kw)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise ModelNotFoundError(f"could not load model {name!r} from {folder}: {type(err).__name__}: {err}") from err
+        raise ModelNotFoundError(f"could not load model {name!r} from {folder}: {_root_cause(err)}") from err
 
 
 def dtype_kw(dtype: torch.dtype) -> dict:
@@ -330,7 +339,7 @@ def load_single_file(path: str, dtype: torch.dtype, config: str | None = None):
             return cls.from_single_file(str(file), config=str(folder), local_files_only=True, **dtype_kw(dtype), **kw)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelNotFoundError(f"could not load checkpoint {file} with the configs of {folder}: "
-                                 f"{type(err).__name__}: {err}") from err
+                                 f"{_root_cause(err)}") from err
 
 
 def _fp16_everywhere(folder: Path, index: dict) -> bool:

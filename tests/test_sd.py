@@ -147,6 +147,37 @@ def test_an_uncached_hub_id_names_the_cache(offline_home):
     assert str(home / "hub") in str(err.value)
 
 
+def test_online_failures_name_the_root_cause_not_a_stacktrace(tmp_path, monkeypatch):
+    import diffusers
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def download(*a, **k):
+        try:
+            raise ConnectionError("Name or service not known: huggingface.co")
+        except ConnectionError as e:
+            raise EnvironmentError("Cannot load model x: the model is not fully cached locally. Please check out "
+                                   "the root cause in the stacktrace above.") from e
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "download", classmethod(download))
+    with pytest.raises(ModelNotFoundError) as err:
+        load_pipeline("someone/not-cached", device="cpu")
+    assert "ConnectionError: Name or service not known" in str(err.value) and "stacktrace" not in str(err.value)
+
+
+def test_a_cached_repo_missing_weights_names_the_part(hub, tmp_path, monkeypatch):
+    home = tmp_path / "hf"
+    shutil.copytree(hub.get(fakehub.SD21_BASE) / "hub" / "models--stabilityai--stable-diffusion-2-1-base",
+                    home / "hub" / "models--stabilityai--stable-diffusion-2-1-base")
+    for f in (fakehub.snapshot(home, fakehub.SD21_BASE) / "text_encoder").glob("*.safetensors"):
+        f.unlink()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match=r"text_encoder has no weights: expected model\.safetensors"):
+        load_pipeline(fakehub.SD21_BASE, device="cpu")
+
+
 def test_a_pickle_checkpoint_that_does_not_unpickle_safely_is_refused_clearly(tmp_path):
     import datetime
 
