@@ -389,60 +389,34 @@ def bench_floor(ctx: dict, device, dtype: str, steps: int, warmup: int, mem: Mem
     return {**_step_stats(times, warmup), "method": "unet fwd+bwd, leaf conditioning"}
 
 
-class _LoopTimer:
-    """Stands in for tqdm in ``decompose.fit``: records the time at every iteration of the step loop."""
+class _StepTimer:
+    """The fit's ``on_step`` callback: records the time at the start of every step of its loop.
 
-    def __init__(self, on_first=None, device=None, last=None):
+    ``on_step(0)`` comes when the loop starts (the latents are encoded), ``on_step(k)`` after step k.
+    The fit runs one step more than is timed: that last step is profiled for memory, not timed.
+    """
+
+    def __init__(self, total: int, device, on_first, begin_last, end_last):
         self.ticks: list[float] = []
-        self.on_first = on_first
-        self.device = device
-        self.last = last  # (begin, end): called around the last iteration, which is then not timed
+        self.total, self.device = total, device
+        self.on_first, self.begin_last, self.end_last = on_first, begin_last, end_last
 
-    def __call__(self, iterable, *args, **kwargs):
-        timer = self
-
-        class _Bar:
-            def __iter__(self):
-                items = list(iterable)
-                for i, item in enumerate(items):
-                    if timer.device is not None:
-                        _sync(timer.device)
-                    if not timer.ticks and timer.on_first is not None:
-                        timer.on_first()
-                    timer.ticks.append(time.perf_counter())
-                    if timer.last is not None and i == len(items) - 1:
-                        timer.last[0]()
-                        try:
-                            yield item
-                        finally:
-                            timer.last[1]()
-                        return
-                    yield item
-                if timer.device is not None:
-                    _sync(timer.device)
-                timer.ticks.append(time.perf_counter())
-
-            def set_postfix(self, *a, **k):
-                pass
-
-            def set_description(self, *a, **k):
-                pass
-
-            def update(self, *a, **k):
-                pass
-
-            def close(self):
-                pass
-
-        return _Bar()
+    def __call__(self, step: int, history: dict) -> None:
+        _sync(self.device)
+        if step == 0:
+            self.on_first()
+        if step < self.total:
+            self.ticks.append(time.perf_counter())
+        if step == self.total - 1:
+            self.begin_last()
+        elif step == self.total:
+            self.end_last()
 
 
 def bench_ours(ctx: dict, device, dtype: str, steps: int, warmup: int, mem: Memory, n_tokens=None,
                force_replica: bool = False) -> dict:
-    """``decompose.fit`` itself, validation off, timed between iterations of its step loop."""
-    import importlib
-
-    dmod = importlib.import_module("conceptor_nb.conceptor")  # the module (the package exports the function)
+    """``conceptor.fit`` itself, validation off, timed through its ``on_step`` callback."""
+    from conceptor_nb.conceptor import fit
 
     pipe, s = ctx["pipe"], ctx["settings"]
     fs = _fit_settings(s, ctx["images"].shape[0], warmup + steps, n_tokens, dtype)
@@ -453,22 +427,16 @@ def bench_ours(ctx: dict, device, dtype: str, steps: int, warmup: int, mem: Memo
             peak_encode["mib"] = mem.peak_so_far_mib()
             mem.reset()
 
-        # one more step than timed: the last one is profiled for memory (CPU), not timed
-        timer = _LoopTimer(on_first=first, device=device, last=(mem.begin_profiled_step, mem.end_profiled_step))
-        saved = getattr(dmod, "tqdm", None)
+        total = fs.steps + 1  # one more step than timed: the last one is profiled for memory (CPU), not timed
+        timer = _StepTimer(total, device, first, mem.begin_profiled_step, mem.end_profiled_step)
         mem.reset()
-        dmod.tqdm = timer
-        try:
-            _, history = dmod.fit(pipe, ctx["images"], ctx["token_ids"], fs.replace(steps=fs.steps + 1), verbose=False)
-        finally:
-            dmod.tqdm = saved
+        _, history = fit(pipe, ctx["images"], ctx["token_ids"], fs.replace(steps=total), verbose=False, on_step=timer)
         times = [b - a for a, b in zip(timer.ticks, timer.ticks[1:])]
         if len(times) == warmup + steps and history.get("autocast") == ("bfloat16" if dtype == "bf16" else "off"):
-            out = {**_step_stats(times, warmup), "method": "decompose.fit (timed per loop iteration)",
-                   "fit_reported_step_ms": history.get("timings", {}).get("step_ms"),
-                   "encode_once_s": history.get("timings", {}).get("encode_s"),
-                   "encode_peak_mib": peak_encode.get("mib")}
-            return out
+            return {**_step_stats(times, warmup), "method": "conceptor.fit (timed per step through on_step)",
+                    "fit_reported_step_ms": history.get("timings", {}).get("step_ms"),
+                    "encode_once_s": history.get("timings", {}).get("encode_s"),
+                    "encode_peak_mib": peak_encode.get("mib")}
     return _bench_ours_replica(ctx, device, dtype, steps, warmup, mem, fs)
 
 
@@ -516,7 +484,7 @@ def _bench_ours_replica(ctx, device, dtype, steps, warmup, mem, fs) -> dict:
     mem.reset()
     times = _timed(step, warmup + steps, device)
     mem.profile_step(step)
-    return {**_step_stats(times, warmup), "method": "replica of the fit step (decompose.py pieces)",
+    return {**_step_stats(times, warmup), "method": "replica of the fit step (conceptor.py pieces)",
             "encode_once_s": encode_s, "encode_peak_mib": encode_peak}
 
 
@@ -690,7 +658,7 @@ def run_e2e(model: str, *, device: str, concept: str) -> dict:
     dev = torch.device(device)
     t0 = time.perf_counter()
     pipe = build_pipeline(model, dev)
-    clip = load_clip(profile_for(model).clip or model, device=dev)
+    clip = load_clip("openai/clip-vit-base-patch32" if model == "sd-shapes" else model, device=dev)
     load_s = time.perf_counter() - t0
     s = profile_for(model)
     out = {"load_s": load_s, "concept": concept,

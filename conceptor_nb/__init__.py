@@ -11,7 +11,7 @@ from .config import Settings, settings
 from .conceptor import Decomposition, decompose, decomposition_table
 from .dictionary import Dictionary, build_dictionary
 from .explain import ImageExplanation, explain_image
-from .errors import CacheError, ConceptorError, ModelNotFoundError
+from .errors import CacheError, ConceptorError, FitDivergedError, InvalidInputError, ModelNotFoundError, OutputError
 from .images import concept_images, generate
 from .inject import pseudo_token
 from .manipulate import Panel, Sweep, panel, set_coefficient, sweep
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BiasReport", "ImageExplanation", "Mitigation", "Panel", "Sweep", "detect_bias", "explain_image",
     "mitigate_bias", "panel", "set_coefficient", "sweep",
-    "CacheError", "ConceptorError", "Decomposition", "Dictionary", "ModelNotFoundError", "Settings",
+    "CacheError", "ConceptorError", "FitDivergedError", "InvalidInputError", "OutputError", "Decomposition", "Dictionary", "ModelNotFoundError", "Settings",
     "build_dictionary", "concept_images", "decompose", "decomposition_table", "generate", "load_clip", "load_pipeline",
     "pseudo_token", "settings",
 ]

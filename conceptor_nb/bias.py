@@ -7,25 +7,30 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .checks import (as_images, bad, check_callable, check_decomposition, check_float, check_int, check_pipe,
+                     check_seed, check_seeds, check_template, pipeline_resolution)
 from .conceptor import Decomposition
+from .config import default_clip_for
 from .results import load_result, save_result
 
 Classifier = Callable[[torch.Tensor], list]
 
 
 def _check_attribute(attribute: dict) -> dict:
+    accepted = "a dict mapping at least two values to word lists, e.g. {'man': ['man'], 'woman': ['woman']}"
     if not isinstance(attribute, dict) or len(attribute) < 2:
-        raise ValueError("attribute must map at least two values to word lists, e.g. {'man': ['man'], 'woman': ['woman']}")
+        raise bad("attribute", attribute, accepted)
     out = {}
     for value, words in attribute.items():
-        words = [words] if isinstance(words, str) else list(words)
-        if not words:
-            raise ValueError(f"attribute value {value!r} has no words")
+        words = [words] if isinstance(words, str) else list(words) if isinstance(words, (list, tuple, set)) else None
+        if not words or not all(isinstance(w, str) and w.strip() for w in words):
+            raise bad(f"attribute[{value!r}]", attribute[value], "a non-empty list of words")
         out[str(value)] = [w.strip().lower() for w in words]
     return out
 
@@ -148,13 +153,21 @@ def detect_bias(pipe, dec: Decomposition, attribute: dict, *, clip=None, images:
     ``images``: the concept's images (default: its generated training images,
     from the cache). ``oracle``: a ground-truth classifier, images -> values.
     """
+    check_pipe(pipe)
+    check_decomposition("dec", dec)
     attribute = _check_attribute(attribute)
+    n = check_int("n", n, 1, allow_none=True)
+    seed = check_seed("seed", seed, allow_none=True)
+    check_callable("oracle", oracle)
+    check_template("class_template", class_template)
+    if images is not None:
+        images = as_images(images, "images", pipeline_resolution(pipe))
     if clip is None:
         from .models import load_clip
 
-        clip = load_clip(dec.clip or "toy", device=pipe.device)
+        clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
     if images is None:
-        images = dec.concept_images(pipe, n or dec.settings.get("n_train", 32), seed=seed, cache_dir=cache_dir,
+        images = dec.concept_images(pipe, n or dec.settings.n_train, seed=seed, cache_dir=cache_dir,
                                     verbose=verbose)
     labels = zero_shot_classifier(clip, attribute, class_template)(images)
     return _report(dec.concept, list(attribute), coefficient_mass(dec, attribute), labels,
@@ -174,13 +187,8 @@ class Mitigation:
     after: dict                      # value -> share in renders of the mitigated one
     rounds: list[dict]               # coefficient tried -> measured shares
     success: bool
-    decomposition: dict = field(default_factory=dict)  # the mitigated Decomposition, as saved
+    mitigated: Decomposition | None = None  # the rebalanced decomposition (saved in the subfolder mitigated/)
     settings: dict = field(default_factory=dict)
-
-    @property
-    def mitigated(self) -> Decomposition:
-        names = Decomposition.__dataclass_fields__
-        return Decomposition(**{k: v for k, v in self.decomposition.items() if k in names})
 
     def to_frame(self):
         import pandas as pd
@@ -207,11 +215,18 @@ class Mitigation:
         return ax
 
     def save(self, folder, overwrite: bool = False):
-        return save_result(self, folder, "mitigation", overwrite)
+        """``mitigation.json`` and the mitigated decomposition in ``mitigated/``."""
+        folder = save_result(replace(self, mitigated=None), folder, "mitigation", overwrite)
+        if self.mitigated is not None:
+            self.mitigated.save(Path(folder) / "mitigated", overwrite=overwrite)
+        return folder
 
     @classmethod
     def load(cls, folder) -> "Mitigation":
-        return load_result(cls, folder, "mitigation")
+        m = load_result(cls, folder, "mitigation")
+        if (Path(folder) / "mitigated" / "decomposition.json").exists():
+            m.mitigated = Decomposition.load(Path(folder) / "mitigated")
+        return m
 
 
 def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None = None, *, classifier: Classifier | None = None,
@@ -224,16 +239,28 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
     the shares with ``classifier`` (default: CLIP zero-shot); the coefficient is
     found by doubling, then bisection on the measured share.
     """
+    check_pipe(pipe)
+    check_decomposition("dec", dec)
     attribute = _check_attribute(attribute)
     values = list(attribute)
+    if target is not None and not isinstance(target, dict):
+        raise bad("target", target, f"a dict giving a share for each of {values}, summing to 1, or None")
     target = dict(target or {v: 1 / len(values) for v in values})
-    if set(target) != set(values) or abs(sum(target.values()) - 1) > 1e-6:
-        raise ValueError(f"target must give a share for each of {values}, summing to 1")
+    if set(target) != set(values) or not all(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1
+                                             for v in target.values()) or abs(sum(target.values()) - 1) > 1e-6:
+        raise bad("target", target, f"a share in [0, 1] for each of {values}, summing to 1")
+    check_callable("classifier", classifier)
+    n = check_int("n", n, 1)
+    tolerance = check_float("tolerance", tolerance, 0.0, 1.0, lo_open=True)
+    max_rounds = check_int("max_rounds", max_rounds, 1, 100)
+    steps = check_int("steps", steps, 1, 1000, allow_none=True)
+    if seeds is not None:
+        seeds = check_seeds("seeds", seeds)
     if classifier is None:
         if clip is None:
             from .models import load_clip
 
-            clip = load_clip(dec.clip or "toy", device=pipe.device)
+            clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
         classifier = zero_shot_classifier(clip, attribute)
     t0 = time.perf_counter()
     seeds = list(seeds) if seeds is not None else list(range(2_000_000, 2_000_000 + n))
@@ -274,10 +301,8 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
             c = (lo + hi) / 2
     _, c_best, after = best
     new = with_c(c_best) if c_best != c0 else dec
-    from dataclasses import asdict
-
     return Mitigation(
         concept=dec.concept, target=target, token=token, coefficient_before=c0, coefficient_after=c_best,
-        before=before, after=after, rounds=rounds, success=best[0] <= tolerance, decomposition=asdict(new),
+        before=before, after=after, rounds=rounds, success=best[0] <= tolerance, mitigated=new,
         settings={"attribute": attribute, "seeds": seeds, "tolerance": tolerance, "seconds": time.perf_counter() - t0},
     )

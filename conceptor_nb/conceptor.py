@@ -13,17 +13,18 @@ import math
 import re
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import Settings, settings_for_model
-from .dictionary import Dictionary, build_dictionary, concept_word
-from .images import concept_images, concept_prompt, generate
+from .checks import as_images, pipeline_resolution
+from .config import Settings, resolve
+from .dictionary import Dictionary, build_dictionary
+from .errors import FitDivergedError
+from .images import concept_images, generate
 from .inject import encode_template, encoders, token_embeddings, tokenize, template_prompt
 from .models import model_name
 
@@ -74,6 +75,54 @@ def frozen(*modules):
             p.requires_grad_(flag)
 
 
+def check_fields(dec, source: str):
+    """Refuse a decomposition whose fields disagree (lengths, types, non-finite or negative coefficients)."""
+    from .errors import InvalidInputError
+
+    def refuse(msg):
+        raise InvalidInputError(f"{source}: {msg}")
+
+    if not isinstance(dec.concept, str):
+        refuse(f"concept must be a string, got {dec.concept!r}")
+    for name in ("tokens", "token_ids", "coefficients"):
+        if not isinstance(getattr(dec, name), list):
+            refuse(f"{name} must be a list, got {type(getattr(dec, name)).__name__}")
+    n = len(dec.tokens)
+    if n == 0:
+        refuse("the decomposition has no tokens")
+    if len(dec.token_ids) != n or len(dec.coefficients) != n:
+        refuse(f"tokens, token_ids and coefficients must have one entry per token; they have {n}, "
+               f"{len(dec.token_ids)} and {len(dec.coefficients)}")
+    if dec.dictionary_scores and len(dec.dictionary_scores) != n:
+        refuse(f"dictionary_scores has {len(dec.dictionary_scores)} entries for {n} tokens")
+    if not all(isinstance(t, str) for t in dec.tokens):
+        refuse("tokens must be strings")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dec.token_ids):
+        refuse("token_ids must be non-negative integers")
+    bad = [i for i, c in enumerate(dec.coefficients)
+           if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0]
+    if bad:
+        refuse(f"coefficients must be finite non-negative numbers; entry {bad[0]} ({dec.tokens[bad[0]]!r}) is "
+               f"{dec.coefficients[bad[0]]!r}")
+    if isinstance(dec.n_tokens, bool) or not isinstance(dec.n_tokens, int) or not 1 <= dec.n_tokens <= n:
+        refuse(f"n_tokens must be an integer between 1 and {n}, got {dec.n_tokens!r}")
+    if dec.norm is not None and (not isinstance(dec.norm, (int, float)) or not math.isfinite(dec.norm) or dec.norm <= 0):
+        refuse(f"norm must be a positive number or null, got {dec.norm!r}")
+    if not isinstance(dec.template, str) or dec.template.count("{}") != 1:
+        refuse(f"template must contain exactly one '{{}}', got {dec.template!r}")
+    if not isinstance(dec.history, dict):
+        refuse("history must be a JSON object")
+    if not isinstance(dec.settings, Settings):
+        refuse("settings must be a Settings (a JSON object in the file)")
+    from .checks import validate_settings
+
+    try:
+        validate_settings(dec.settings)
+    except InvalidInputError as err:
+        refuse(f"settings: {err}")
+    return dec
+
+
 @dataclass
 class Decomposition:
     """A concept as a weighted set of vocabulary tokens, strongest first.
@@ -95,8 +144,12 @@ class Decomposition:
     clip: str = ""
     dictionary_scores: list[float] = field(default_factory=list)  # CLIP score of each token, same order
     excluded: list[str] = field(default_factory=list)
-    settings: dict = field(default_factory=dict)
+    settings: Settings = field(default_factory=Settings)  # the method settings the fit ran with
     history: dict = field(default_factory=dict)  # loss, validation, best_step, timings
+
+    def __post_init__(self):
+        if isinstance(self.settings, dict):  # read from JSON
+            self.settings = Settings.from_dict(self.settings)
 
     # -- reading -------------------------------------------------------------------------------
     def top(self, k: int | None = None) -> list[tuple[str, float]]:
@@ -131,8 +184,8 @@ class Decomposition:
         s = self.settings
         return generate(
             pipe, template_prompt(self.template), list(seeds), pseudo=self.vector(pipe, n_tokens, rescale=rescale),
-            template=self.template, steps=steps or s.get("gen_steps", 50), guidance=guidance or s.get("guidance", 7.5),
-            sampler=sampler or s.get("gen_scheduler", "dpm"), batch_size=batch_size, verbose=verbose,
+            template=self.template, steps=steps or s.gen_steps, guidance=guidance or s.guidance,
+            sampler=sampler or s.sampler, batch_size=batch_size, verbose=verbose,
             desc="rendering the pseudo-token",
         )
 
@@ -142,14 +195,13 @@ class Decomposition:
         the cache when they are there), so ``render(pipe, range(seed, seed + n))`` pairs with them.
         ``seed``: start elsewhere (other images of the concept, same generation settings)."""
         s = self.settings
-        seed = s.get("seed", 0) if seed is None else seed
-        return concept_images(pipe, self.prompt, n or s.get("n_train", 8), seed, steps=s.get("gen_steps", 50),
-                              guidance=s.get("guidance", 7.5), sampler=s.get("gen_scheduler", "dpm"),
-                              cache_dir=cache_dir, verbose=verbose)
+        seed = s.seed if seed is None else seed
+        return concept_images(pipe, self.prompt, n or s.n_train, seed, steps=s.gen_steps, guidance=s.guidance,
+                              sampler=s.sampler, cache_dir=cache_dir, verbose=verbose)
 
     def seeds(self, n: int) -> list[int]:
         """The seeds of the first ``n`` training images."""
-        seed = self.settings.get("seed", 0)
+        seed = self.settings.seed
         return list(range(seed, seed + n))
 
     def with_coefficient(self, token: str, value: float, *, tokenizer=None) -> "Decomposition":
@@ -160,42 +212,66 @@ class Decomposition:
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, folder, overwrite: bool = False) -> Path:
-        """Write ``decomposition.json`` and ``coefficients.safetensors``; refuses to overwrite unless asked."""
-        folder = Path(folder)
-        target = folder / "decomposition.json"
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True (or --overwrite) or choose another folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = asdict(self)
+        """Write ``coefficients.safetensors`` and ``decomposition.json`` (strict JSON: NaN as null), each
+        atomically; refuses, before writing anything, to overwrite either unless asked."""
+        from safetensors.torch import save as st_save
+
+        from .results import dumps, write_files
+
+        check_fields(self, "this decomposition")
         tensors = {"token_ids": torch.tensor(self.token_ids, dtype=torch.int64),
                    "coefficients": torch.tensor(self.coefficients, dtype=torch.float32)}
-        tmp = folder / "coefficients.safetensors.tmp"
-        save_file(tensors, tmp)
-        tmp.replace(folder / "coefficients.safetensors")
-        tmp = folder / "decomposition.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, allow_nan=True))
-        tmp.replace(target)
-        return folder
+        return write_files(folder, {"coefficients.safetensors": st_save(tensors),
+                                    "decomposition.json": dumps(asdict(self)).encode()}, overwrite=overwrite)
 
     @classmethod
     def load(cls, folder) -> "Decomposition":
+        """Read a saved decomposition; a file whose tokens, ids and coefficients disagree (in length, or
+        between the JSON and the safetensors) is refused here with InvalidInputError, not later."""
+        from safetensors.torch import load as st_load
+
+        from .errors import InvalidInputError
+        from .results import ResultNotFoundError, read_json
+
+        if not isinstance(folder, (str, Path)) or not str(folder).strip():
+            raise InvalidInputError(f"folder must be a path to a saved decomposition, got {folder!r}")
         folder = Path(folder)
         file = folder / "decomposition.json"
         if not file.exists():
-            raise FileNotFoundError(f"no decomposition.json in {folder}")
+            what = "does not exist" if not folder.exists() else "is a file" if not folder.is_dir() else "holds no decomposition.json"
+            raise ResultNotFoundError(f"cannot load a decomposition from {folder}: it {what}")
+        meta = read_json(file)
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(meta))
+        if missing:
+            raise InvalidInputError(f"{file} lacks the field(s) {', '.join(missing)}")
         try:
-            meta = json.loads(file.read_text())
-            names = {f.name for f in fields(cls)}
             dec = cls(**{k: v for k, v in meta.items() if k in names})
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"{file} is not a valid decomposition: {err}") from err
+        except (TypeError, ValueError, AttributeError) as err:
+            raise InvalidInputError(f"{file} is not a valid decomposition: {err}") from err
         st = folder / "coefficients.safetensors"
         if st.exists():  # exact float32 values
-            t = load_file(st)
-            if t["token_ids"].tolist() != dec.token_ids:
-                raise ValueError(f"{st} does not match {file} (token ids differ)")
-            dec.coefficients = t["coefficients"].tolist()
-        return dec
+            try:
+                t = st_load(st.read_bytes())
+                ids, coef = t["token_ids"].tolist(), t["coefficients"]
+            except Exception as err:
+                raise InvalidInputError(f"{st} cannot be read ({type(err).__name__}: {err})") from err
+            if ids != dec.token_ids:
+                raise InvalidInputError(f"{st} does not match {file}: the token ids differ "
+                                        f"({len(ids)} in the safetensors, {len(dec.token_ids)} in the JSON)")
+            try:
+                js = torch.tensor([math.nan if c is None else float(c) for c in dec.coefficients], dtype=torch.float32)
+            except (TypeError, ValueError) as err:
+                raise InvalidInputError(f"{file}: coefficients must be numbers ({err})") from err
+            if js.shape != coef.shape or not torch.allclose(js, coef, rtol=1e-6, atol=1e-9, equal_nan=False):
+                raise InvalidInputError(
+                    f"the coefficients in {file} differ from those in {st}: a hand edit? Edit both, or delete "
+                    f"{st.name} to use the JSON's values")
+            dec.coefficients = coef.tolist()
+        dec.dictionary_scores = [math.nan if v is None else v for v in dec.dictionary_scores] \
+            if isinstance(dec.dictionary_scores, list) else dec.dictionary_scores
+        return check_fields(dec, str(file))
 
     # -- plotting ------------------------------------------------------------------------------
     def plot(self, k: int = 10, ax=None, color: str = "C0"):
@@ -209,9 +285,12 @@ class Decomposition:
         return f"Decomposition({self.concept!r}: {top}, ...)"
 
 
-def _resolve(pipe, settings: Settings | None, overrides: dict) -> Settings:
-    base = settings or settings_for_model(model_name(pipe))
-    return base.replace(**{k: v for k, v in overrides.items() if v is not None})
+def run_settings(pipe, settings: Settings | None = None, **overrides) -> Settings:
+    """The settings a run on ``pipe`` uses: ``settings`` (default: the profile of the pipeline's model,
+    see :func:`conceptor_nb.config.resolve`) with ``overrides`` applied, None included (``exclude_threshold=None``
+    turns that filter off)."""
+    base = settings or resolve(model_name(pipe), warn=False)[0].settings
+    return base.replace(**overrides)
 
 
 @torch.no_grad()
@@ -226,27 +305,52 @@ def encode_latents(pipe, images: torch.Tensor, batch_size: int = 16) -> torch.Te
     return torch.cat(out)
 
 
+def check_decompose_inputs(pipe, concept, settings, overrides: dict, dictionary=None):
+    """decompose()'s checks, before any work: (settings, concept word, prompt)."""
+    from .checks import check_pipe, check_setting_names, parse_concept, validate_settings
+    from .errors import InvalidInputError
+
+    check_pipe(pipe)
+    check_setting_names(overrides)
+    if settings is not None and not isinstance(settings, Settings):
+        raise InvalidInputError(f"settings must be a conceptor_nb.Settings or None, got {type(settings).__name__}")
+    s = validate_settings(run_settings(pipe, settings, **overrides))
+    word, prompt = parse_concept(concept, s.template)
+    tokenize(pipe.tokenizer, prompt)
+    if dictionary is None:
+        vocab = len(pipe.tokenizer) - len(set(pipe.tokenizer.all_special_ids))
+        if s.dict_size > vocab:
+            raise InvalidInputError(f"dict_size must be an integer between 1 and the vocabulary's {vocab} words, "
+                                    f"got {s.dict_size}")
+    elif not isinstance(dictionary, Dictionary) or len(dictionary) == 0:
+        raise InvalidInputError(f"dictionary must be a non-empty conceptor_nb.Dictionary or None, got {dictionary!r:.80}")
+    return s, word, prompt
+
+
 def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None, images: torch.Tensor | None = None,
               val_images: torch.Tensor | None = None, dictionary: Dictionary | None = None,
               exclude_concept: bool = True, rescale: bool = True, cache_dir=None, verbose: bool = True,
-              **overrides) -> Decomposition:
+              checkpoint_dir=None, refresh: bool = False, **overrides) -> Decomposition:
     """Decompose ``concept`` into a weighted set of tokens of ``pipe``'s vocabulary.
 
     Every field of :class:`conceptor_nb.config.Settings` is a keyword argument
     (``n_train``, ``dict_size``, ``n_tokens``, ``steps``, ``lr``, ``sparsity``,
     ``val_every`` ...); the rest come from the active profile. ``images`` and
     ``val_images`` (in [0, 1]) replace the generated concept images;
-    ``dictionary`` replaces the CLIP dictionary.
+    ``dictionary`` replaces the CLIP dictionary. Every input is checked before any work
+    (InvalidInputError). ``checkpoint_dir``: the fit saves its state there at each validation and, when
+    it finds a matching state there, resumes from it (same coefficients as an uninterrupted run).
+    ``refresh``: generate the concept images again instead of reading them from the cache.
     """
-    unknown = set(overrides) - {f.name for f in fields(Settings)}
-    if unknown:
-        raise TypeError(f"decompose() got unknown settings {sorted(unknown)}")
-    s = _resolve(pipe, settings, overrides)
-    prompt = concept_prompt(concept, s.template)
-    tokenize(pipe.tokenizer, prompt)
+    s, word, prompt = check_decompose_inputs(pipe, concept, settings, overrides, dictionary)
+    if images is not None:
+        images = as_images(images, "images", pipeline_resolution(pipe))
+    if val_images is not None:
+        val_images = as_images(val_images, "val_images", pipeline_resolution(pipe))
     timings = {}
     t0 = time.perf_counter()
-    gen = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.gen_scheduler, cache_dir=cache_dir, verbose=verbose)
+    gen = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.sampler, cache_dir=cache_dir, refresh=refresh,
+               verbose=verbose)
     if images is None:
         images = concept_images(pipe, prompt, s.n_train, s.seed, **gen)
     if val_images is None and s.val_every > 0 and s.n_val > 0:
@@ -254,19 +358,19 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
     timings["images_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if clip is None and (dictionary is None or val_images is not None):
-        from .models import default_clip_for, load_clip
+    if isinstance(clip, str) or (clip is None and (dictionary is None or val_images is not None)):
+        from .models import load_clip
 
-        clip = load_clip(s.clip or default_clip_for(s.model), device=pipe.device)
+        clip = load_clip(clip or resolve(model_name(pipe), warn=False)[2], device=pipe.device)
     if dictionary is None:
-        dictionary = build_dictionary(clip, images, concept_word(concept), s.dict_size, templates=s.clip_templates,
+        dictionary = build_dictionary(clip, images, word, s.dict_size, templates=s.clip_templates,
                                       exclude_concept=exclude_concept, exclude_threshold=s.exclude_threshold,
                                       null_threshold=s.null_threshold,
                                       cache_dir=cache_dir, verbose=verbose)
     timings["dictionary_s"] = time.perf_counter() - t0
 
     coefficients, history = fit(pipe, images, dictionary.token_ids, s, clip=clip, val_images=val_images,
-                                rescale=rescale, verbose=verbose)
+                                rescale=rescale, verbose=verbose, checkpoint=checkpoint_dir)
     history["timings"] = {**timings, **history.get("timings", {})}
     order = torch.argsort(coefficients, descending=True).tolist()
     return Decomposition(
@@ -275,7 +379,7 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
         n_tokens=min(s.n_tokens, len(order)), norm=vocab_norm(pipe) if rescale else None, template=s.template,
         prompt=prompt, model=model_name(pipe), clip=getattr(clip, "name", "") or "",
         dictionary_scores=[float(dictionary.scores[i]) for i in order], excluded=list(dictionary.excluded),
-        settings=s.to_dict(), history=history,
+        settings=s, history=history,
     )
 
 
@@ -373,17 +477,99 @@ def step_loss(pipe, mlp, embeddings: torch.Tensor, norm: float | None, n_top: in
     return rec + sparsity * sparse, rec, sparse
 
 
+CHECKPOINT_EVERY = 50  # fit steps between checkpoints when there is no validation
+
+
+def check_finite(alpha: torch.Tensor, step: int, s: Settings) -> None:
+    if not torch.isfinite(alpha).all():
+        raise FitDivergedError(f"the coefficients became NaN or infinite at step {step}; nothing was saved. "
+                               f"Lower lr (now {s.lr})")
+
+
+class Checkpoint:
+    """The fit's state in one safetensors file (MLP, optimiser, sampling RNG; history as JSON in its
+    header), written atomically. It holds a key of everything that shapes the fit (weights, images,
+    dictionary, settings); a state with another key is not resumed from."""
+
+    FILE = "fit_state.safetensors"
+
+    def __init__(self, folder, pipe, images, ids, s: Settings, rescale: bool):
+        from .images import weights_fingerprint
+        from .results import tensors_digest
+
+        self.file = Path(folder) / self.FILE
+        key = dict(weights=weights_fingerprint(pipe), images=tensors_digest({"images": images}),
+                   token_ids=tensors_digest({"ids": ids.cpu()}), settings=s.to_dict(), rescale=rescale)
+        self.key = json.dumps(key, sort_keys=True)
+
+    def save(self, step, mlp, opt, gen, history, best, step_times) -> None:
+        from .results import dumps, save_verified
+
+        tensors = {f"mlp.{k}": v for k, v in mlp.state_dict().items()}
+        opt_state = opt.state_dict()
+        for i, st in opt_state["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+        tensors["rng"] = gen.get_state()
+        if best[2] is not None:
+            tensors["best_alpha"] = best[2]
+        state = dict(step=step, history=history, best_score=best[0] if best[2] is not None else None,
+                     best_step=best[1], step_times=step_times, param_groups=opt_state["param_groups"])
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        save_verified(self.file, tensors, {"key": self.key, "state": dumps(state, None)})
+
+    def load(self, mlp, opt, gen) -> dict | None:
+        """Restore the saved state into ``mlp``, ``opt`` and ``gen``; None when there is none that matches."""
+        import warnings
+
+        from .errors import CacheError
+        from .results import load_verified
+
+        if not self.file.exists():
+            return None
+        try:
+            tensors, meta = load_verified(self.file)
+        except CacheError as err:
+            warnings.warn(f"ignoring a damaged fit checkpoint ({err}); starting the fit afresh", stacklevel=3)
+            return None
+        if meta.get("key") != self.key:
+            warnings.warn(f"the fit checkpoint in {self.file.parent} is of another run (other settings, images or "
+                          "weights); starting the fit afresh", stacklevel=3)
+            return None
+        state = json.loads(meta["state"])
+        mlp.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mlp.")})
+        opt_state = {}
+        for name, v in tensors.items():
+            if name.startswith("opt."):
+                _, i, k = name.split(".", 2)
+                opt_state.setdefault(int(i), {})[k] = v
+        opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        gen.set_state(tensors["rng"])
+        alpha = tensors.get("best_alpha")
+        score = state["best_score"] if alpha is not None else -math.inf
+        state["best"] = (score, state["best_step"], alpha)
+        return state
+
+
 def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_images=None, rescale: bool = True,
-        verbose: bool = True) -> tuple[torch.Tensor, dict]:
-    """Train the coefficient MLP; returns the coefficients of the best validation step and the history."""
+        verbose: bool = True, on_step=None, checkpoint=None) -> tuple[torch.Tensor, dict]:
+    """Train the coefficient MLP; returns the coefficients of the best validation step and the history.
+
+    ``on_step(step, history)``: called with step 0 when the step loop starts (the latents are encoded),
+    then after each optimiser step (before any validation of that step); for progress and timing.
+    ``checkpoint``: a folder; the state is saved there after each validation (every ``val_every`` steps,
+    or every CHECKPOINT_EVERY without validation), and a matching saved state is resumed from.
+    A NaN or infinite loss or coefficient stops the fit with FitDivergedError.
+    """
     from diffusers import DDPMScheduler
 
     device = pipe.unet.device
     unet, text_encoder = pipe.unet, pipe.text_encoder
     if len(token_ids) == 0:
         raise ValueError("the dictionary is empty")
-    n_top = min(s.n_tokens, len(token_ids))
-    embeddings = token_embeddings(pipe, token_ids).detach()
+    ids = torch.as_tensor(list(token_ids))
+    n_top = min(s.n_tokens, len(ids))
+    embeddings = token_embeddings(pipe, ids.tolist()).detach()
     norm = vocab_norm(pipe) if rescale else None
 
     torch.manual_seed(s.seed)
@@ -419,19 +605,33 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
     def validate(alpha) -> float:
         with torch.no_grad():
             renders = generate(pipe, template_prompt(s.template), val_seeds, pseudo=top_vector(alpha), template=s.template,
-                               steps=s.val_steps, guidance=s.guidance, sampler=s.val_scheduler, verbose=False)
+                               steps=s.val_steps, guidance=s.guidance, sampler=s.val_sampler, verbose=False)
             return float((clip.image_features(renders) * val_feats).sum(-1).mean())
 
     history = {"loss": [], "reconstruction": [], "sparsity": [], "validation": [], "best_step": None}
     best = (-math.inf, None, None)
     step_times = []
+    start = 1
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, pipe, images, ids, s, rescale)
+        state = ckpt.load(mlp, opt, gen)
+        if state is not None:
+            start, history, best, step_times = state["step"] + 1, state["history"], state["best"], state["step_times"]
+            if verbose:
+                print(f"resuming the fit from its checkpoint at step {state['step']} of {s.steps}")
     with frozen(unet, *[enc for _, enc in encoders(pipe)], pipe.vae):
-        bar = tqdm(range(1, s.steps + 1), desc="fitting", disable=not verbose, leave=False)
+        bar = tqdm(range(start, s.steps + 1), desc="fitting", disable=not verbose, leave=False,
+                   initial=start - 1, total=s.steps)
+        if on_step is not None:
+            on_step(start - 1, history)
         for step in bar:
             ts = time.perf_counter()
             batch = sample_batch(latents, min(s.batch_size, latents.shape[1]), gen, n_train_t, device)
             loss, rec, sparse = step_loss(pipe, mlp, embeddings, norm, n_top, batch, ids_prompt, s.template,
                                           prediction, alphas_cumprod, s.sparsity, amp)
+            if not torch.isfinite(loss):
+                raise FitDivergedError(f"the fit's loss became {loss.item()} at step {step}; nothing was saved. "
+                                       f"Lower lr (now {s.lr}) or sparsity (now {s.sparsity})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -439,16 +639,22 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
             history["loss"].append(loss.item())
             history["reconstruction"].append(rec.item())
             history["sparsity"].append(sparse.item())
+            if on_step is not None:
+                on_step(step, history)
             if val_feats is not None and (step % s.val_every == 0 or step == s.steps):
                 with torch.no_grad():
                     alpha = mlp(embeddings)
+                check_finite(alpha, step, s)
                 score = validate(alpha)
                 history["validation"].append({"step": step, "score": score})
                 if score > best[0]:
                     best = (score, step, alpha.detach().clone())
                 bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{score:.3f}")
+            if checkpoint is not None and step < s.steps and step % (s.val_every or CHECKPOINT_EVERY) == 0:
+                ckpt.save(step, mlp, opt, gen, history, best, step_times)
     with torch.no_grad():
         final = mlp(embeddings).detach()
+    check_finite(final, s.steps, s)
     if best[2] is None:
         best = (math.nan, s.steps, final)
     history["best_step"] = best[1]

@@ -1,21 +1,29 @@
-"""Settings profiles, selected by one environment variable.
+"""Settings and profiles: the one place where defaults live.
 
-``CONCEPTOR_PROFILE`` picks the model and the sizes every stage uses when a
-caller does not pass them:
+Two things are kept apart:
 
-* ``toy`` (default): the shipped toy world (``conceptor_nb/data/toyworld``), sizes that run
-  on a laptop CPU in about a minute per concept.
+* **model identity**: which diffusion pipeline and which CLIP (:class:`Profile` ``.model`` / ``.clip``);
+* **method hyper-parameters**: :class:`Settings` (sizes, steps, learning rate, samplers, ...).
+
+A profile binds the two. ``CONCEPTOR_PROFILE`` picks the active one:
+
+* ``toy`` (default): the shipped toy world (``conceptor_nb/data/toyworld``), sizes that run on a
+  laptop CPU in about a minute per concept.
 * ``ci``: the toy world with fewer images and steps, for notebooks under CI.
-* ``sd``: Stable Diffusion 2.1-base with CLIP ViT-B/32 and the authors'
-  settings (see ``shared/REFERENCE.md``); needs the checkpoints and a GPU.
+* ``sd``: Stable Diffusion 2.1-base with CLIP ViT-B/32 and the authors' settings (the paper's
+  release); needs the checkpoints in the local Hugging Face cache, and a GPU to be practical.
+* ``tiny``: a random SD-shaped pipeline built from config (meaningless weights, for tests).
 
-Every value is also a keyword argument of the function that uses it, so a
-profile is only a set of defaults.
+Naming a model picks the profile of its family (:func:`resolve`): ``"toy"`` keeps ``toy``/``ci``,
+``"tiny"`` takes ``tiny``, anything else (a hub id, a folder, a ``.safetensors`` file) takes
+``sd`` with the CLIP that goes with it. Every :class:`Settings` field is a keyword of
+:func:`conceptor_nb.decompose` and a flag of ``conceptor decompose`` (generated from the fields).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 ENV_PROFILE = "CONCEPTOR_PROFILE"
@@ -37,45 +45,63 @@ CLIP_TEMPLATES = (
     "a photo of a cool {}", "a photo of a small {}",
 )
 
+SAMPLERS = ("dpm", "lms", "ddim", "euler", "pndm")
+AUTOCAST = ("off", "bf16", "auto")
+
+
+def _f(default, help: str, **meta):
+    """A Settings field with its help text (and choices) for the generated CLI flags."""
+    meta["help"] = help
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults for every stage. Field names match the keyword arguments."""
+    """The method's hyper-parameters. Field names are the keyword arguments of ``decompose``."""
 
-    model: str = "toy"
-    clip: str | None = None          # None: the CLIP that goes with ``model``
-    template: str = "a photo of a {}"
+    template: str = _f("a photo of a {}", "prompt template; '{}' is the concept (and the pseudo-token)")
     # concept images
-    n_train: int = 100
-    n_val: int = 20
-    gen_steps: int = 50
-    guidance: float = 7.5
-    gen_scheduler: str = "lms"
+    n_train: int = _f(100, "training images of the concept")
+    n_val: int = _f(20, "validation images of the concept")
+    gen_steps: int = _f(50, "sampling steps for the concept images and renders")
+    guidance: float = _f(7.5, "classifier-free guidance scale")
+    sampler: str = _f("lms", "sampler for the concept images and renders", choices=SAMPLERS)
     # dictionary
-    dict_size: int = 5000
-    clip_templates: tuple[str, ...] = CLIP_TEMPLATES
-    exclude_threshold: float | None = 0.9
-    null_threshold: float | None = None  # drop tokens CLIP reads as no word (toy world only; not the authors')
+    dict_size: int = _f(5000, "dictionary size N (tokens ranked by CLIP)")
+    clip_templates: tuple = _f(CLIP_TEMPLATES, "templates averaged when CLIP embeds a token "
+                               "('authors': the 27 of the paper)")
+    exclude_threshold: float | None = _f(0.9, "drop tokens whose CLIP text cosine with the concept word is "
+                                         "above this ('none': keep them)")
+    null_threshold: float | None = _f(None, "drop tokens CLIP reads as no word (cosine with the empty template "
+                                      "above this; toy world only, not the authors' method; 'none': off)")
     # fit
-    n_tokens: int = 50
-    steps: int = 500
-    batch_size: int = 6
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    sparsity: float = 1e-3
-    mlp_hidden: int = 100
-    val_every: int = 50
-    val_steps: int = 50
-    val_scheduler: str = "dpm"
-    flip: bool = True
-    # precision of the fit's UNet pass: "off" (the weights' dtype), "bf16" (autocast),
-    # "auto" (bf16 autocast when the weights are float32 and the device computes bf16 natively:
-    # a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX). The text encoder, the MLP, generation and
-    # validation stay in the weights' dtype.
-    autocast: str = "off"
-    seed: int = 0
+    n_tokens: int = _f(50, "explanation tokens n (the sparsity term's top-n)")
+    steps: int = _f(500, "fit steps")
+    batch_size: int = _f(6, "fit batch size")
+    lr: float = _f(1e-3, "learning rate (AdamW)")
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    sparsity: float = _f(1e-3, "sparsity lambda")
+    mlp_hidden: int = _f(100, "hidden width of the coefficient MLP")
+    flip: bool = _f(True, "random horizontal flips of the training images")
+    # validation
+    val_every: int = _f(50, "validate every K steps (0: never; the last step's coefficients are kept)")
+    val_steps: int = _f(50, "sampling steps of the validation renders")
+    val_sampler: str = _f("dpm", "sampler of the validation renders", choices=SAMPLERS)
+    # precision of the fit's UNet pass: "off" (the weights' dtype), "bf16" (autocast), "auto" (bf16 autocast
+    # when the weights are float32 and the device computes bf16 natively: a CUDA GPU with bf16, or a CPU with
+    # AVX512-BF16/AMX). The text encoder, the MLP, generation and validation stay in the weights' dtype.
+    autocast: str = _f("off", "precision of the fit's UNet pass (auto: bf16 where the hardware computes it "
+                       "natively)", choices=AUTOCAST)
+    seed: int = _f(0, "seed of the run: picks the concept images and the fit's randomness")
 
     def replace(self, **kw) -> "Settings":
+        unknown = set(kw) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown settings {sorted(unknown)}; known: {[f.name for f in fields(self)]}")
+        if "clip_templates" in kw and kw["clip_templates"] is not None:
+            kw["clip_templates"] = tuple(kw["clip_templates"])
         return replace(self, **kw)
 
     def to_dict(self) -> dict:
@@ -83,50 +109,122 @@ class Settings:
         d["clip_templates"] = list(self.clip_templates)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        """Settings from a saved dict. Keys of older files are mapped (``gen_scheduler`` -> ``sampler``,
+        ``val_scheduler`` -> ``val_sampler``); ``model`` and ``clip`` belong to the result, not here."""
+        d = dict(d)
+        for old, new in LEGACY_NAMES.items():
+            if old in d:
+                d.setdefault(new, d.pop(old))
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "clip_templates" in kw:
+            kw["clip_templates"] = tuple(kw["clip_templates"])
+        return cls(**kw)
+
+
+LEGACY_NAMES = {"gen_scheduler": "sampler", "val_scheduler": "val_sampler"}
+
+
+def settings_fields():
+    """(name, type, default, metadata) of every Settings field, in order (the CLI's flags)."""
+    out = []
+    for f in fields(Settings):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        out.append((f.name, f.type, default, dict(f.metadata)))
+    return out
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named set of defaults: the model, its CLIP, and the method's settings."""
+
+    name: str
+    model: str
+    clip: str
+    settings: Settings
+    family: str  # "toy", "tiny" or "sd": which models these settings are made for
+
+
+SD_MODEL = "stabilityai/stable-diffusion-2-1-base"
+SD_CLIP = "openai/clip-vit-base-patch32"
 
 # The authors' release: SD 2.1-base, 100/20 images, N=5000, n=50, 500 steps; the fit's UNet pass autocasts
 # to bf16 where the hardware computes it natively (the release runs fp32).
-SD = Settings(model="stabilityai/stable-diffusion-2-1-base", clip="openai/clip-vit-base-patch32", autocast="auto")
+SD = Settings(autocast="auto")
 
-# The toy world: 32 px images, a few hundred words that matter.
+# The toy world: 32 px images, a few dozen words that matter.
 TOY = Settings(
-    model="toy", clip="toy", n_train=48, n_val=8, gen_steps=20, guidance=4.0, gen_scheduler="dpm",
-    dict_size=100, null_threshold=0.8, clip_templates=("a photo of a {}",), n_tokens=10, steps=300, batch_size=6,
-    val_every=50, val_steps=15,
+    n_train=48, n_val=8, gen_steps=20, guidance=4.0, sampler="dpm", dict_size=100, null_threshold=0.8,
+    clip_templates=("a photo of a {}",), n_tokens=10, steps=300, batch_size=6, val_every=50, val_steps=15,
 )
 CI = TOY.replace(n_train=24, n_val=4, gen_steps=12, steps=150, val_every=50, val_steps=10)
 
 # A random SD-shaped pipeline built from config: tests and ``--model tiny``.
 TINY = Settings(
-    model="tiny", clip="tiny", n_train=8, n_val=2, gen_steps=4, guidance=3.0, gen_scheduler="dpm",
-    dict_size=64, clip_templates=("a photo of a {}",), n_tokens=8, steps=10, batch_size=2,
-    val_every=5, val_steps=3,
+    n_train=8, n_val=2, gen_steps=4, guidance=3.0, sampler="dpm", dict_size=64, clip_templates=("a photo of a {}",),
+    n_tokens=8, steps=10, batch_size=2, val_every=5, val_steps=3,
 )
 
-PROFILES = {"toy": TOY, "ci": CI, "sd": SD, "tiny": TINY}
+PROFILES = {
+    "toy": Profile("toy", "toy", "toy", TOY, "toy"),
+    "ci": Profile("ci", "toy", "toy", CI, "toy"),
+    "sd": Profile("sd", SD_MODEL, SD_CLIP, SD, "sd"),
+    "tiny": Profile("tiny", "tiny", "tiny", TINY, "tiny"),
+}
 
 
 def profile_name() -> str:
+    """The active profile: ``CONCEPTOR_PROFILE``, else ``toy``."""
     name = os.environ.get(ENV_PROFILE, "toy").strip().lower() or "toy"
     if name not in PROFILES:
         raise ValueError(f"{ENV_PROFILE}={name!r} is not a profile; choose one of {sorted(PROFILES)}")
     return name
 
 
-def settings(profile: str | None = None) -> Settings:
-    """The settings of ``profile`` (default: the ``CONCEPTOR_PROFILE`` variable, else ``toy``)."""
-    name = profile or profile_name()
+def profile(name: str | None = None) -> Profile:
+    """The profile ``name`` (default: the active one)."""
+    name = name or profile_name()
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     return PROFILES[name]
 
 
-def settings_for_model(model: str | None) -> Settings:
-    """The profile's settings, or the tiny ones when the model is the random tiny pipeline."""
-    if model == "tiny":
-        return TINY
-    s = settings()
-    return s if model is None else s.replace(model=model)
+def settings(name: str | None = None) -> Settings:
+    """The method settings of profile ``name`` (default: the active one)."""
+    return profile(name).settings
+
+
+def model_family(model: str) -> str:
+    """'toy', 'tiny' or 'sd' (any other name: a hub id, a folder or a checkpoint file)."""
+    return model if model in ("toy", "tiny") else "sd"
+
+
+def resolve(model: str | None = None, clip: str | None = None, *, warn: bool = True) -> tuple[Profile, str, str]:
+    """The profile, model and CLIP a run uses.
+
+    No model: the active profile's. A named model keeps the active profile when it is of that profile's
+    family, and otherwise takes its family's profile (``toy``, ``tiny`` or ``sd``), with a note on stderr:
+    a Stable Diffusion model is never run with the toy world's sizes or CLIP. No CLIP: the profile's.
+    """
+    active = profile()
+    if model is None:
+        chosen, model = active, active.model
+    else:
+        model = str(model)
+        family = model_family(model)
+        chosen = active if active.family == family else PROFILES[family]
+        if chosen is not active and warn:
+            print(f"note: model {model!r} uses the {chosen.name!r} profile's settings and CLIP "
+                  f"(the active profile {active.name!r} is for {active.family} models; "
+                  f"set {ENV_PROFILE}={chosen.name} to silence this)", file=sys.stderr)
+    return chosen, model, clip or chosen.clip
+
+
+def default_clip_for(model: str | None) -> str:
+    """The CLIP that goes with a pipeline (its family's profile's CLIP; no model: the active profile's)."""
+    return resolve(model or None, warn=False)[2]
 
 
 def data_dir() -> Path:

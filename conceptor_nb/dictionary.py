@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import cache_dir as default_cache_dir
 from .errors import CacheError
-from .images import _writable
+from .checks import concept_word  # noqa: F401  (the one concept parser lives in checks)
+from .images import _writable, clip_fingerprint
+from .results import load_verified, save_verified
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -121,16 +123,16 @@ def vocab_text_features(clip, templates=("a photo of a {}",), *, cache_dir=None,
     template's words before the token are encoded once), cached as safetensors.
     """
     tok = clip.tokenizer
-    key = dict(clip=clip.name, templates=list(templates), vocab=len(tok))
+    key = dict(clip=clip.name, weights=clip_fingerprint(clip), templates=list(templates), vocab=len(tok))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     file = None
     if cache_dir is not False:
         file = _writable(Path(cache_dir or default_cache_dir()) / "vocab") / f"{digest}.safetensors"
         if file.exists():
             try:
-                return load_file(file)["features"]
-            except Exception as err:
-                raise CacheError(f"cached vocabulary embeddings {file} cannot be read ({err}); delete the file") from err
+                return load_verified(file)[0]["features"]
+            except (CacheError, KeyError) as err:
+                warnings.warn(f"ignoring a bad vocabulary-cache entry ({err}); computing it again", stacklevel=2)
     ids = word_token_ids(tok)
     total = None
     for template in tqdm(templates, desc="embedding the vocabulary", disable=not verbose, leave=False):
@@ -139,9 +141,7 @@ def vocab_text_features(clip, templates=("a photo of a {}",), *, cache_dir=None,
     feats = torch.zeros(len(tok), total.shape[1])
     feats[ids] = F.normalize(total, dim=-1)
     if file is not None:
-        tmp = file.with_suffix(".tmp")
-        save_file({"features": feats.contiguous()}, tmp, metadata={k: json.dumps(v) for k, v in key.items()})
-        tmp.replace(file)
+        save_verified(file, {"features": feats}, key)  # unique temp name + atomic rename, checksummed
     return feats
 
 
@@ -213,14 +213,3 @@ def concept_token_ids(tokenizer, word: str) -> list[int]:
             if form in vocab:
                 ids.add(vocab[form])
     return sorted(ids)
-
-
-def concept_word(concept: str) -> str:
-    """The concept's words without the template or a leading article: "a photo of a dog" -> "dog"."""
-    text = " ".join(str(concept).split()).lower()
-    if not text:
-        raise ValueError("the concept is empty")
-    for prefix in ("a photo of a ", "a photo of an ", "a photo of the ", "a photo of ", "a ", "an ", "the "):
-        if text.startswith(prefix) and len(text) > len(prefix):
-            return text[len(prefix):]
-    return text

@@ -11,3 +11,19 @@ class ModelNotFoundError(ConceptorError, OSError):
 
 class CacheError(ConceptorError):
     """A cache entry cannot be read, or the cache folder cannot be written."""
+
+
+class InvalidInputError(ConceptorError, ValueError):
+    """An argument, setting, image or file is not what the function accepts.
+
+    Raised before any model is loaded or any file is written; the message names the
+    argument, the value it got and what is accepted.
+    """
+
+
+class FitDivergedError(ConceptorError, FloatingPointError):
+    """The fit produced NaN or infinite values (loss or coefficients); nothing was saved."""
+
+
+class OutputError(ConceptorError, OSError):
+    """The output folder cannot be written, or holds files the run would overwrite."""

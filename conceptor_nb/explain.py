@@ -4,10 +4,12 @@ The authors' procedure: render the image from the pseudo-token with a seed;
 walk the tokens from the weakest to the strongest, zero one (and its near
 duplicates), re-render with the same seed, and drop it for good if the CLIP
 image similarity to the original stays above a threshold; repeat until
-nothing drops. Here each pass renders all of its candidates as one batch and
-drops the weakest token that passes, which gives the same result as the
-sequential walk (a token kept earlier is re-examined in the next pass, as a
-new pass of the walk would).
+nothing drops. Here each pass renders all of its candidates as one batch (one
+batched render per pass instead of one render per token) and drops the weakest
+token that passes; the next pass re-examines every remaining token. This is not
+the walk's order: after a drop the walk goes on to stronger tokens, while the
+next pass here looks at the weaker ones again first, so when several removals
+pass, the two can keep different tokens.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import SAMPLERS, check_choice, check_decomposition, check_float, check_int, check_pipe, check_seed
 from .conceptor import Decomposition, combine
 from .images import generate
 from .inject import template_prompt, token_embeddings
@@ -111,15 +114,26 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     ``clip``: the CLIP model that scores image similarity (default: the one that
     goes with the decomposition).
     """
+    check_pipe(pipe)
+    check_decomposition("dec", dec)
+    seed = check_seed("seed", seed)
+    n_tokens = check_int("n_tokens", n_tokens, 1, allow_none=True)
+    threshold = check_float("threshold", threshold)  # outside [-1, 1]: drop every token, or none
+    duplicate_threshold = check_float("duplicate_threshold", duplicate_threshold, allow_none=True)
+    steps = check_int("steps", steps, 1, 1000, allow_none=True)
+    guidance = check_float("guidance", guidance, 0.0, 100.0, allow_none=True)
+    sampler = check_choice("sampler", sampler, SAMPLERS, allow_none=True)
+    max_passes = check_int("max_passes", max_passes, 1, allow_none=True)
     if clip is None:
+        from .config import default_clip_for
         from .models import load_clip
 
-        clip = load_clip(dec.clip or "toy", device=pipe.device)
+        clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
     t0 = time.perf_counter()
     n = min(n_tokens or dec.n_tokens, len(dec.tokens))
     s = dec.settings
-    kw = dict(steps=steps or s.get("gen_steps", 50), guidance=guidance or s.get("guidance", 7.5),
-              sampler=sampler or s.get("gen_scheduler", "dpm"), template=dec.template, verbose=False)
+    kw = dict(steps=steps or s.gen_steps, guidance=guidance or s.guidance, sampler=sampler or s.sampler,
+              template=dec.template, verbose=False)
     tokens = dec.tokens[:n]
     emb = token_embeddings(pipe, dec.token_ids[:n])
     table = emb  # (device only)

@@ -4,13 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .checks import concept_prompt  # noqa: F401  (the one concept parser lives in checks)
 from .config import cache_dir as default_cache_dir
 from .errors import CacheError
 from .inject import pseudo_token, tokenize
@@ -41,21 +42,6 @@ def scheduler(pipe, name: str | None):
         yield pipe.scheduler
     finally:
         pipe.scheduler = old
-
-
-def concept_prompt(concept: str, template: str = "a photo of a {}") -> str:
-    """"a dog", "dog" -> "a photo of a dog"; a full prompt ("a photo of ...") is kept."""
-    text = " ".join(str(concept).split())
-    if not text:
-        raise ValueError("the concept is empty: give a word or a short phrase, e.g. 'a president'")
-    low = text.lower()
-    if low.startswith("a photo of") or "{}" in text:
-        return text
-    for article in ("a ", "an ", "the "):
-        if low.startswith(article) and len(text) > len(article):
-            text = text[len(article):]
-            break
-    return template.format(text)
 
 
 @torch.no_grad()
@@ -97,38 +83,91 @@ def _writable(folder: Path) -> Path:
     return folder
 
 
+def _hash_modules(h, modules: dict) -> None:
+    """Every parameter/buffer of each module: its name, shape, dtype and 16 evenly spaced values."""
+    with torch.no_grad():
+        for part, module in modules.items():
+            for name, p in module.state_dict().items():
+                flat = p.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 16)][:16].cpu().contiguous()
+                h.update(f"{part}.{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+                h.update(sample.view(torch.uint8).numpy().tobytes())
+
+
+def _memo(obj, compute) -> str:
+    memo = getattr(obj, "_conceptor_fingerprint", None)
+    if memo is None:
+        memo = compute()
+        try:
+            obj._conceptor_fingerprint = memo
+        except AttributeError:  # pragma: no cover - an object that takes no attributes: not memoised
+            pass
+    return memo
+
+
+def weights_fingerprint(pipe) -> str:
+    """A short hash of the pipeline's weights and of the parts that shape its images (scheduler, tokenizer).
+
+    Every parameter tensor of the UNet, VAE and text encoder contributes its name, shape, dtype and 16
+    evenly spaced values; retrained or edited weights under the same path get another fingerprint.
+    Computed once per pipeline object and memoised on it (change weights in place: ``del
+    pipe._conceptor_fingerprint``).
+    """
+    def compute():
+        h = hashlib.sha256()
+        _hash_modules(h, {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder})
+        h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+        h.update(str(len(pipe.tokenizer)).encode())
+        return h.hexdigest()[:16]
+
+    return _memo(pipe, compute)
+
+
+def clip_fingerprint(clip) -> str:
+    """The same for a CLIP model (``conceptor_nb.models.Clip``): its weights and tokenizer size."""
+    def compute():
+        h = hashlib.sha256()
+        _hash_modules(h, {"clip": clip.model})
+        h.update(str(len(clip.tokenizer)).encode())
+        return h.hexdigest()[:16]
+
+    return _memo(clip, compute)
+
+
 def concept_images(pipe, prompt: str, n: int, seed: int = 0, *, steps: int = 50, guidance: float = 7.5,
                    sampler: str | None = "lms", batch_size: int = 8, cache_dir: str | Path | None = None,
                    refresh: bool = False, verbose: bool = True) -> torch.Tensor:
     """``n`` images of ``prompt`` with seeds ``seed .. seed+n-1``, cached on disk.
 
-    The cache key holds the model, prompt, seeds, steps, guidance, sampler and
-    image size; a hit skips generation. ``cache_dir=False`` turns caching off.
+    The cache key holds a fingerprint of the weights (not only the model's name), the prompt, seeds,
+    steps, guidance, sampler, image size, dtype and device type; each entry carries a checksum, and an
+    entry that fails it is regenerated (with a warning). ``refresh=True`` (CLI ``--refresh``)
+    regenerates; ``cache_dir=False`` turns caching off.
     """
+    from .results import load_verified, save_verified
+
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     seeds = list(range(seed, seed + n))
     kw = dict(steps=steps, guidance=guidance, sampler=sampler, batch_size=batch_size, verbose=verbose)
     if cache_dir is False:
         return generate(pipe, prompt, seeds, **kw)
-    key = dict(model=model_name(pipe), prompt=prompt, seed=seed,
+    key = dict(model=model_name(pipe), weights=weights_fingerprint(pipe), prompt=prompt, seed=seed,
                n=n, steps=steps, guidance=guidance, sampler=sampler, size=pipe.unet.config.sample_size,
-               dtype=str(pipe.unet.dtype))
+               dtype=str(pipe.unet.dtype), device=pipe.unet.device.type)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = _writable(Path(cache_dir or default_cache_dir()) / "images") / digest
     file = folder / "images.safetensors"
     if file.exists() and not refresh:
         try:
-            images = load_file(file)["images"]
-        except Exception as err:  # safetensors raises its own error types
-            raise CacheError(f"the cached images in {file} cannot be read ({err}). Delete that folder or pass refresh=True") from err
-        if images.shape[0] != n:
-            raise CacheError(f"the cache entry {file} holds {images.shape[0]} images, expected {n}. Delete it or pass refresh=True")
-        return images.float() / 255
+            tensors, meta = load_verified(file)
+            images = tensors["images"]
+            if meta.get("key") != json.dumps(key, sort_keys=True) or images.shape[0] != n:
+                raise CacheError(f"{file} holds another entry")
+            return images.float() / 255
+        except (CacheError, KeyError) as err:
+            warnings.warn(f"ignoring a bad image-cache entry ({err}); generating the images again", stacklevel=2)
     images = generate(pipe, prompt, seeds, desc=f"images of {prompt!r}", **kw)
     folder.mkdir(exist_ok=True)
-    tmp = folder / "images.safetensors.tmp"
-    save_file({"images": (images * 255).round().to(torch.uint8).contiguous()}, tmp)
-    (folder / "meta.json").write_text(json.dumps(key, indent=1))
-    tmp.replace(file)
+    save_verified(file, {"images": (images * 255).round().to(torch.uint8)}, {"key": json.dumps(key, sort_keys=True)})
     return (images * 255).round() / 255

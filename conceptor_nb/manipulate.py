@@ -18,9 +18,16 @@ def set_coefficient(dec, token: str, value: float, *, tokenizer=None):
     outside it (the dictionary's tail, or a new word, which needs ``tokenizer``)
     joins it. ``value=0`` removes a token's contribution.
     """
-    if value < 0:
-        raise ValueError(f"coefficients are non-negative (alpha = |f(w)|), got {value}")
-    token = token.strip().lower()
+    import math
+    import numbers
+
+    from .checks import bad, check_decomposition, check_token
+
+    check_decomposition("dec", dec)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise bad("value", value, "a finite non-negative number (coefficients are alpha = |f(w)|)")
+    value = float(value)
+    token = check_token("token", token)
     new = copy.deepcopy(dec)
     n = new.n_tokens
     if token in new.tokens:
@@ -113,15 +120,25 @@ def sweep(pipe, dec, token: str, values, seeds, *, measure: dict | None = None, 
     from .images import generate
     from .inject import template_prompt
 
-    values, seeds = [float(v) for v in values], [int(s) for s in seeds]
-    if not values or not seeds:
-        raise ValueError("give at least one value and one seed")
+    from .checks import bad, check_decomposition, check_float, check_int, check_pipe, check_seeds, check_token
+
+    check_pipe(pipe)
+    check_decomposition("dec", dec)
+    token = check_token("token", token)
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or not list(values):
+        raise bad("values", values, "a non-empty list of coefficients (finite numbers >= 0)")
+    values = [check_float(f"values[{i}]", v, 0.0) for i, v in enumerate(values)]
+    seeds = check_seeds("seeds", seeds)
+    steps = check_int("steps", steps, 1, 1000, allow_none=True)
+    batch_size = check_int("batch_size", batch_size, 1)
+    if measure is not None and (not isinstance(measure, dict) or not all(callable(f) for f in measure.values())):
+        raise bad("measure", measure, "a dict of name -> function(images) -> number, or None")
     decs = [set_coefficient(dec, token, v, tokenizer=pipe.tokenizer) for v in values]
     vecs = torch.stack([d.vector(pipe) for d in decs]).repeat_interleave(len(seeds), dim=0)
     s = dec.settings
     images = generate(pipe, template_prompt(dec.template), seeds * len(values), pseudo=vecs, template=dec.template,
-                      steps=steps or s.get("gen_steps", 50), guidance=s.get("guidance", 7.5),
-                      sampler=s.get("gen_scheduler", "dpm"), batch_size=batch_size, verbose=False)
+                      steps=steps or s.gen_steps, guidance=s.guidance, sampler=s.sampler,
+                      batch_size=batch_size, verbose=False)
     images = images.reshape(len(values), len(seeds), *images.shape[1:])
     scores = {name: [float(fn(images[i])) for i in range(len(values))] for name, fn in (measure or {}).items()}
     return Sweep(dec.concept, token.strip().lower(), values, seeds, images, scores)

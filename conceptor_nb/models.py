@@ -496,8 +496,3 @@ def model_name(pipe) -> str:
     return str(getattr(pipe, "conceptor_model", None) or getattr(pipe, "name_or_path", None) or type(pipe).__name__)
 
 
-def default_clip_for(model: str) -> str:
-    """The CLIP that goes with a pipeline: the toy CLIP for the toy world, ViT-B/32 otherwise."""
-    if model in ("toy", "tiny"):
-        return model
-    return "openai/clip-vit-base-patch32"

@@ -77,7 +77,7 @@ assert all(r.colour == "orange" and r.glyph == "cross" for r in readings[2])
 toy = settings("toy")
 pipe = cn.load_pipeline("toy")
 gen = {w: cn.generate(pipe, spec.prompt(*w.split()), range(n), steps=toy.gen_steps, guidance=toy.guidance,
-                      sampler=toy.gen_scheduler, verbose=False) for w in words}
+                      sampler=toy.sampler, verbose=False) for w in words}
 fig, ax = plt.subplots(figsize=(5, 0.62 * len(words)))
 show_images(torch.cat(list(gen.values())), ax=ax, nrow=n)
 ax.set_axis_on(); ax.set_xticks([]); ax.set_yticks([(34 * i + 18) for i in range(len(words))], words)

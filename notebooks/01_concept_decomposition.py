@@ -37,15 +37,16 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 
 import conceptor_nb as cn
-from conceptor_nb.config import profile_name, settings
+from conceptor_nb.config import profile
 from conceptor_nb.examples import examples
 from conceptor_nb.viz import coefficient_bars, save_figure, show_images, word_picture
 
 ex = examples()
-s = settings()
-print(f"profile {profile_name()!r}: model {s.model!r}, {s.n_train} images, dictionary {s.dict_size}, {s.steps} steps")
-pipe = cn.load_pipeline(s.model)
-clip = cn.load_clip(s.clip)
+prof = profile()
+s = prof.settings
+print(f"profile {prof.name!r}: model {prof.model!r}, {s.n_train} images, dictionary {s.dict_size}, {s.steps} steps")
+pipe = cn.load_pipeline(prof.model)
+clip = cn.load_clip(prof.clip)
 
 # %% [markdown]
 # ## One concept, end to end

@@ -29,14 +29,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import conceptor_nb as cn
-from conceptor_nb.config import settings
+from conceptor_nb.config import profile
 from conceptor_nb.examples import examples, toy_spec
 from conceptor_nb.viz import save_figure
 
 ex = examples()
-s = settings()
-pipe = cn.load_pipeline(s.model)
-clip = cn.load_clip(s.clip)
+prof = profile()
+s = prof.settings
+pipe = cn.load_pipeline(prof.model)
+clip = cn.load_clip(prof.clip)
 dec = cn.decompose(pipe, f"a {ex.image_concept}", clip=clip, verbose=False)
 display(dec.to_frame(8))
 

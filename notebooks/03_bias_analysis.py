@@ -32,14 +32,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import conceptor_nb as cn
-from conceptor_nb.config import settings
+from conceptor_nb.config import profile
 from conceptor_nb.examples import colour_oracle, examples
 from conceptor_nb.viz import save_figure, show_images, word_picture
 
 ex = examples()
-s = settings()
-pipe = cn.load_pipeline(s.model)
-clip = cn.load_clip(s.clip)
+prof = profile()
+s = prof.settings
+pipe = cn.load_pipeline(prof.model)
+clip = cn.load_clip(prof.clip)
 attribute = ex.bias_attribute
 oracle = colour_oracle(list(attribute)) if ex.ground_truth else None
 dec = cn.decompose(pipe, f"a {ex.bias_concept}", clip=clip, verbose=False)

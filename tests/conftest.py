@@ -30,5 +30,9 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Every test starts seeded, and torch's thread count is restored after it (some tests change it)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -37,7 +37,7 @@ def _check_model(result: dict, steps: int) -> None:
         assert _positive(row["x_floor"]) and _positive(row["x_authors"]) and _positive(row["peak_mib"])
     assert rows["floor"]["x_floor"] == pytest.approx(1.0)
     assert rows["authors"]["x_authors"] == pytest.approx(1.0)
-    assert rows["ours"]["method"].startswith("decompose.fit")  # the real fit was timed, not the replica
+    assert rows["ours"]["method"].startswith("conceptor.fit")  # the real fit was timed, not the replica
     assert set(result["targets"]) >= {"ours_within_1.15x_floor", "peak_not_above_authors"}
     assert "ours_2.5x_faster_than_authors" not in result["targets"]  # set for SD shapes only
 
@@ -87,7 +87,7 @@ def test_bench_cli_subprocess(tmp_path):
 def test_ours_in_bf16_times_the_fit_with_autocast(tiny_pipe):
     torch.set_num_threads(1)
     out = bench.run_variant("tiny", "ours", device="cpu", dtype="bf16", steps=1, warmup=1, batch=2)
-    assert out["method"].startswith("decompose.fit")  # the fit itself ran in bf16, not the replica
+    assert out["method"].startswith("conceptor.fit")  # the fit itself ran in bf16, not the replica
     assert _positive(out["peak_mib"]) and out["peak_delta_mib"] > 0
 
 

@@ -3,6 +3,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +49,34 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_installs_the_tested_torch():
     first = _readme_commands()[0]
     assert "torch==2.13.0" in first and "conceptor decompose" in first
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_toy_world_and_works_outside_the_checkout(tmp_path):
+    """A non-editable install (a built wheel) carries the embedded default: toy world + tokenizer."""
+    import subprocess
+    import sys
+    import zipfile
+
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+                    str(ROOT)], check=True, capture_output=True, text=True)
+    (wheel,) = dist.glob("conceptor_nb-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for part in ("data/toyworld/pipeline/unet/diffusion_pytorch_model.safetensors",
+                 "data/toyworld/pipeline/text_encoder/model.safetensors", "data/toyworld/clip/model.safetensors",
+                 "data/toyworld/clip/preprocessor_config.json", "data/toyworld/spec.json",
+                 "data/clip_tokenizer/vocab.json", "data/clip_tokenizer/merges.txt"):
+        assert f"conceptor_nb/{part}" in names, part
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, text=True)
+    code = ("import conceptor_nb, sys; from conceptor_nb import load_pipeline, load_clip; "
+            "assert conceptor_nb.__file__.startswith(sys.argv[1]), conceptor_nb.__file__; "
+            "p = load_pipeline('toy', device='cpu'); c = load_clip('toy', device='cpu'); "
+            "print(p.tokenizer('a photo of a fruit').input_ids)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    out = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[49406, 320, 1125, 539, 320, 5190, 49407]" in out.stdout
