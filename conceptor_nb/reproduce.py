@@ -89,17 +89,15 @@ def run(concepts=None, *, out="reproduction", model: str | None = None, clip: st
     """Decompose ``concepts`` (default: all of :data:`PAPER`) with the ``sd`` settings (``overrides`` on top);
     returns ``(decompositions, table)`` and writes the files listed in the module docstring."""
     from . import Decomposition, decompose, load_clip, load_pipeline
-    from .config import settings
-    from .models import default_clip_for
+    from .config import SD_CLIP, SD_MODEL, settings
     from .viz import image_grid
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    s = settings("sd")
-    s = s.replace(**{k: v for k, v in dict(overrides, model=model or s.model, clip=clip or s.clip).items() if v is not None})
+    s = settings("sd").replace(**{k: v for k, v in overrides.items() if v is not None})
     t0 = time.perf_counter()
-    pipe = load_pipeline(s.model, device=device)
-    clip_model = load_clip(s.clip or default_clip_for(s.model), device=pipe.device)
+    pipe = load_pipeline(model or SD_MODEL, device=device)
+    clip_model = load_clip(clip or SD_CLIP, device=pipe.device)
     load_s = time.perf_counter() - t0
     decs = {}
     for concept in concepts or list(PAPER):
@@ -149,11 +147,11 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="refit concepts already in --out")
     p.add_argument("--quiet", action="store_true")
     for f in fields(Settings):
-        if f.name in ("model", "clip", "clip_templates", "template") or f.type not in ("int", "float", "str"):
+        if f.name in ("clip_templates", "template") or f.type not in ("int", "float", "str"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type={"int": int, "float": float}.get(f.type, str))
     a = p.parse_args(argv)
-    names = {f.name for f in fields(Settings)} - {"model", "clip"}
+    names = {f.name for f in fields(Settings)}
     overrides = {k: v for k, v in vars(a).items() if k in names and v is not None}
     try:
         _, table = run(a.concepts or None, out=a.out, model=a.model, clip=a.clip, device=a.device,

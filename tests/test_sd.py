@@ -288,7 +288,7 @@ def test_the_fit_trains_against_the_models_own_target(offline_home, monkeypatch,
     """A UNet that returns the scheduler's v (get_velocity) has loss 0 on the v-prediction model, and one
     returning the noise has loss 0 on the epsilon model: the target is the model's, not a fixed one."""
     offline_home(repo)
-    s = settings("sd").replace(model=repo, steps=2, batch_size=2, val_every=0, n_tokens=3)
+    s = settings("sd").replace(steps=2, batch_size=2, val_every=0, n_tokens=3)
     pipe = load_pipeline(repo, device="cpu")
     hist, _ = _fit_with_target(pipe, right, monkeypatch, s)
     assert max(hist["reconstruction"]) < 1e-10
@@ -304,7 +304,7 @@ def test_sdxl_fit_conditions_like_the_pipeline(offline_home, monkeypatch):
     (32 + 64 wide in the fixture), the pooled projection (64) and size/crop ids for 1024 px."""
     offline_home(fakehub.SDXL)
     pipe = load_pipeline(fakehub.SDXL, device="cpu")
-    s = settings("sd").replace(model=fakehub.SDXL, steps=1, batch_size=2, val_every=0, n_tokens=3)
+    s = settings("sd").replace(steps=1, batch_size=2, val_every=0, n_tokens=3)
     hist, stub = _fit_with_target(pipe, "epsilon", monkeypatch, s)
     cond, added = stub.calls[0]
     assert cond.shape == (2, 77, 32 + 64)
@@ -398,7 +398,7 @@ def test_every_application_runs_on_a_stable_diffusion_cache(offline_home, tmp_pa
     offline_home(repo, fakehub.CLIP_B32)
     pipe = load_pipeline(repo, device="cpu")
     clip = load_clip(fakehub.CLIP_B32, device="cpu")
-    s = settings("sd").replace(model=repo, **SMALL)
+    s = settings("sd").replace(**SMALL)
     dec = decompose(pipe, "a president", clip=clip, settings=s, cache_dir=tmp_path, verbose=False)
     assert len(dec.tokens) == 12
     ex = explain_image(pipe, dec, seed=0, clip=clip, n_tokens=2, steps=1, threshold=1.01)  # nothing drops
@@ -468,6 +468,6 @@ def test_full_shape_sd21_base_fit_step(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = load_pipeline(fakehub.SD21_BASE, device="cpu")
     assert pipe.text_encoder.get_input_embeddings().weight.shape == (49408, 1024)
-    s = settings("sd").replace(model=fakehub.SD21_BASE, steps=2, batch_size=1, val_every=0)
+    s = settings("sd").replace(steps=2, batch_size=1, val_every=0)
     coef, hist = conceptor_mod.fit(pipe, torch.rand(1, 3, 512, 512), list(range(1000, 1100)), s, verbose=False)
     assert coef.shape == (100,) and all(torch.isfinite(torch.tensor(hist["loss"])))
