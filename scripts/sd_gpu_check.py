@@ -28,7 +28,7 @@ generate(pipe, "a photo of a dog", [0], steps=2, sampler="lms", verbose=False); 
 t0 = time.time(); generate(pipe, "a photo of a dog", list(range(8)), steps=50, guidance=7.5, sampler="lms", batch_size=8, verbose=False); sync()
 res["gen_lms50_s_per_image"] = (time.time() - t0) / 8; out()
 # fit steps, batch 6, authors' settings
-s = settings("sd").replace(model=fakehub.SD21_BASE, steps=12, batch_size=6, val_every=0)
+s = settings("sd").replace(steps=12, batch_size=6, val_every=0)
 imgs = torch.rand(12, 3, 512, 512)
 torch.cuda.reset_peak_memory_stats()
 coef, h = C.fit(pipe, imgs, list(range(1000, 6000)), s, verbose=False); sync()
