@@ -54,6 +54,18 @@ def combine(coefficients: torch.Tensor, embeddings: torch.Tensor, norm) -> torch
     return torch.cat([p / p.norm().clamp_min(1e-12) * float(n) for p, (_, n) in zip(parts, norm)], dim=-1)
 
 
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _valid_norm(norm) -> bool:
+    """A number, or [[width, norm], ...] (one per embedding table, SDXL)."""
+    if not isinstance(norm, (list, tuple)):
+        return _positive(norm)
+    return len(norm) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int)
+                                 and not isinstance(p[0], bool) and p[0] > 0 and _positive(p[1]) for p in norm)
+
+
 def vocab_norm(pipe):
     """Mean L2 norm of the rows of the text encoder's token-embedding table (the authors' rescaling target);
     with two text encoders (SDXL) ``[[width, norm], ...]``, one per table."""
@@ -106,8 +118,9 @@ def check_fields(dec, source: str):
                f"{dec.coefficients[bad[0]]!r}")
     if isinstance(dec.n_tokens, bool) or not isinstance(dec.n_tokens, int) or not 1 <= dec.n_tokens <= n:
         refuse(f"n_tokens must be an integer between 1 and {n}, got {dec.n_tokens!r}")
-    if dec.norm is not None and (not isinstance(dec.norm, (int, float)) or not math.isfinite(dec.norm) or dec.norm <= 0):
-        refuse(f"norm must be a positive number or null, got {dec.norm!r}")
+    if dec.norm is not None and not _valid_norm(dec.norm):
+        refuse(f"norm must be a positive number, null, or (two text encoders, SDXL) [[width, norm], ...] with "
+               f"positive integer widths and positive norms; got {dec.norm!r}")
     if not isinstance(dec.template, str) or dec.template.count("{}") != 1:
         refuse(f"template must contain exactly one '{{}}', got {dec.template!r}")
     if not isinstance(dec.history, dict):

@@ -325,6 +325,19 @@ def test_sdxl_fit_conditions_like_the_pipeline(offline_home, monkeypatch):
     assert not torch.allclose(a1["text_embeds"], a2["text_embeds"])
 
 
+def test_an_sdxl_decomposition_with_per_table_norms_saves_and_loads(tmp_path):
+    from conceptor_nb import Decomposition
+    from conceptor_nb.errors import ConceptorError
+
+    dec = Decomposition(concept="a dog", tokens=["pet", "golden"], token_ids=[1000, 1001], coefficients=[0.5, 0.2],
+                        n_tokens=2, norm=[[768, 0.4], [1280, 0.6]])
+    dec.save(tmp_path)
+    assert Decomposition.load(tmp_path).norm == [[768, 0.4], [1280, 0.6]]
+    with pytest.raises((ConceptorError, ValueError), match="norm"):
+        Decomposition(concept="a dog", tokens=["pet"], token_ids=[1000], coefficients=[0.5], n_tokens=1,
+                      norm=[[768, -1.0]]).save(tmp_path / "bad")
+
+
 def test_sdxl_rescales_each_table_to_its_own_norm():
     from conceptor_nb.conceptor import combine
 
