@@ -11,9 +11,10 @@
 
 The config files are the real ones (``tests/fixtures/hub_configs``; SDXL's were
 written from the published repo, the shared folder has none). ``shrink=True``
-changes only layer widths and depths (every other key, the tokenizers, the
-schedulers and prediction types stay), so that a decomposition runs in seconds
-on a CPU; ``shrink=False`` keeps the real shapes (gigabytes: slow tests only).
+changes only layer widths and depths (channels, attention heads, layers per block,
+group-norm groups, text widths, SDXL's time-embedding width; every key stays, and
+the sample sizes, tokenizers, schedulers and prediction types are the real ones),
+so that a decomposition runs in seconds to a minute on a CPU; ``shrink=False`` keeps the real shapes (gigabytes: slow tests only).
 Where the real repo has fp16 variants (``*.fp16.safetensors``) they are written
 too; ``variants=("fp16",)`` makes a cache that holds only those, as
 ``from_pretrained(..., variant="fp16")`` downloads it.
