@@ -25,7 +25,7 @@ from .config import Settings, resolve
 from .dictionary import Dictionary, build_dictionary
 from .errors import FitDivergedError
 from .images import concept_images, generate
-from .inject import pseudo_token, tokenize, template_prompt
+from .inject import encode_template, encoders, token_embeddings, tokenize, template_prompt
 from .models import model_name
 
 VAL_SEED_OFFSET = 1_000_000  # validation seeds start here, far from the training seeds
@@ -42,17 +42,36 @@ class CoefficientMLP(torch.nn.Module):
         return self.net(embeddings).squeeze(-1).abs()
 
 
-def combine(coefficients: torch.Tensor, embeddings: torch.Tensor, norm: float | None) -> torch.Tensor:
-    """sum_i c_i E_i, rescaled to ``norm`` (None: not rescaled)."""
+def combine(coefficients: torch.Tensor, embeddings: torch.Tensor, norm) -> torch.Tensor:
+    """sum_i c_i E_i, rescaled to ``norm`` (None: not rescaled). With two embedding tables (SDXL) ``norm``
+    is ``[[width1, norm1], [width2, norm2]]`` and each table's part is rescaled to its own norm."""
     w = coefficients.to(embeddings.dtype) @ embeddings
-    if norm is not None:
-        w = w / w.norm().clamp_min(1e-12) * norm
-    return w
+    if norm is None:
+        return w
+    if isinstance(norm, (int, float)):
+        return w / w.norm().clamp_min(1e-12) * norm
+    parts = torch.split(w, [int(width) for width, _ in norm], dim=-1)
+    return torch.cat([p / p.norm().clamp_min(1e-12) * float(n) for p, (_, n) in zip(parts, norm)], dim=-1)
 
 
-def vocab_norm(pipe) -> float:
-    """Mean L2 norm of the rows of the text encoder's token-embedding table (the authors' rescaling target)."""
-    return float(pipe.text_encoder.get_input_embeddings().weight.float().norm(dim=-1).mean())
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _valid_norm(norm) -> bool:
+    """A number, or [[width, norm], ...] (one per embedding table, SDXL)."""
+    if not isinstance(norm, (list, tuple)):
+        return _positive(norm)
+    return len(norm) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int)
+                                 and not isinstance(p[0], bool) and p[0] > 0 and _positive(p[1]) for p in norm)
+
+
+def vocab_norm(pipe):
+    """Mean L2 norm of the rows of the text encoder's token-embedding table (the authors' rescaling target);
+    with two text encoders (SDXL) ``[[width, norm], ...]``, one per table."""
+    norms = [[enc.get_input_embeddings().weight.shape[1], float(enc.get_input_embeddings().weight.float().norm(dim=-1).mean())]
+             for _, enc in encoders(pipe)]
+    return norms[0][1] if len(norms) == 1 else norms
 
 
 @contextmanager
@@ -99,8 +118,9 @@ def check_fields(dec, source: str):
                f"{dec.coefficients[bad[0]]!r}")
     if isinstance(dec.n_tokens, bool) or not isinstance(dec.n_tokens, int) or not 1 <= dec.n_tokens <= n:
         refuse(f"n_tokens must be an integer between 1 and {n}, got {dec.n_tokens!r}")
-    if dec.norm is not None and (not isinstance(dec.norm, (int, float)) or not math.isfinite(dec.norm) or dec.norm <= 0):
-        refuse(f"norm must be a positive number or null, got {dec.norm!r}")
+    if dec.norm is not None and not _valid_norm(dec.norm):
+        refuse(f"norm must be a positive number, null, or (two text encoders, SDXL) [[width, norm], ...] with "
+               f"positive integer widths and positive norms; got {dec.norm!r}")
     if not isinstance(dec.template, str) or dec.template.count("{}") != 1:
         refuse(f"template must contain exactly one '{{}}', got {dec.template!r}")
     if not isinstance(dec.history, dict):
@@ -166,10 +186,9 @@ class Decomposition:
         """The pseudo-token from the top ``n_tokens`` (default ``self.n_tokens``; 0 or negative: all)."""
         n = self.n_tokens if n_tokens is None else n_tokens
         n = len(self.tokens) if n <= 0 else n
-        table = pipe.text_encoder.get_input_embeddings().weight
-        ids = torch.tensor(self.token_ids[:n], device=table.device)
-        coef = torch.tensor(self.coefficients[:n], device=table.device, dtype=torch.float32)
-        return combine(coef, table[ids].float(), self.norm if rescale else None)
+        emb = token_embeddings(pipe, self.token_ids[:n])
+        coef = torch.tensor(self.coefficients[:n], device=emb.device, dtype=torch.float32)
+        return combine(coef, emb, self.norm if rescale else None)
 
     def render(self, pipe, seeds, n_tokens: int | None = None, *, steps: int | None = None,
                guidance: float | None = None, sampler: str | None = None, rescale: bool = True,
@@ -390,13 +409,16 @@ def diffusion_loss(pipe, w: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
     target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-    with pseudo_token(pipe, w, template):
-        cond = pipe.text_encoder(ids_prompt)[0]
-    cond = cond.expand(x0.shape[0], -1, -1)
+    cond, added = encode_template(pipe, w, template, ids_prompt)
+    b = x0.shape[0]
+    cond = cond.expand(b, -1, -1)
     unet = pipe.unet
     dtype = next(unet.parameters()).dtype  # (diffusers' unet.dtype walks every submodule: ~1 ms a call)
+    extra = {}
+    if added is not None:  # SDXL: pooled text embedding and size/crop ids, shared by the batch
+        extra["added_cond_kwargs"] = {k: v.to(dtype).expand(b, -1) for k, v in added.items()}
     with autocast_to(x0.device, amp):
-        pred = unet(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+        pred = unet(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype), **extra).sample
     return F.mse_loss(pred.float(), target)
 
 
@@ -556,12 +578,11 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
 
     device = pipe.unet.device
     unet, text_encoder = pipe.unet, pipe.text_encoder
-    table = text_encoder.get_input_embeddings().weight
-    ids = torch.as_tensor(list(token_ids), device=table.device)
-    if len(ids) == 0:
+    if len(token_ids) == 0:
         raise ValueError("the dictionary is empty")
+    ids = torch.as_tensor(list(token_ids))
     n_top = min(s.n_tokens, len(ids))
-    embeddings = table[ids].detach().float()
+    embeddings = token_embeddings(pipe, ids.tolist()).detach()
     norm = vocab_norm(pipe) if rescale else None
 
     torch.manual_seed(s.seed)
@@ -611,7 +632,7 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
             start, history, best, step_times = state["step"] + 1, state["history"], state["best"], state["step_times"]
             if verbose:
                 print(f"resuming the fit from its checkpoint at step {state['step']} of {s.steps}")
-    with frozen(unet, text_encoder, pipe.vae):
+    with frozen(unet, *[enc for _, enc in encoders(pipe)], pipe.vae):
         bar = tqdm(range(start, s.steps + 1), desc="fitting", disable=not verbose, leave=False,
                    initial=start - 1, total=s.steps)
         if on_step is not None:

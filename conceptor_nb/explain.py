@@ -21,7 +21,7 @@ import torch
 from .checks import SAMPLERS, check_choice, check_decomposition, check_float, check_int, check_pipe, check_seed
 from .conceptor import Decomposition, combine
 from .images import generate
-from .inject import template_prompt
+from .inject import template_prompt, token_embeddings
 from .results import load_result, save_result
 
 
@@ -134,9 +134,9 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     s = dec.settings
     kw = dict(steps=steps or s.gen_steps, guidance=guidance or s.guidance, sampler=sampler or s.sampler,
               template=dec.template, verbose=False)
-    table = pipe.text_encoder.get_input_embeddings().weight
     tokens = dec.tokens[:n]
-    emb = table[torch.tensor(dec.token_ids[:n], device=table.device)].float()
+    emb = token_embeddings(pipe, dec.token_ids[:n])
+    table = emb  # (device only)
     coef = torch.tensor(dec.coefficients[:n], device=table.device)
     dups = _duplicates(clip, tokens, duplicate_threshold, dec.template)
     prompt = template_prompt(dec.template)
@@ -180,7 +180,8 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     token_images = generate(pipe, prompt, [seed] * len(kept_idx), pseudo=one_hot, **kw) if kept_idx else image[:0]
     return ImageExplanation(
         concept=dec.concept, seed=int(seed), kept=kept, kept_coefficients=[float(coef[i]) for i in kept_idx],
-        trace=trace, image=image.cpu(), kept_image=kept_image.cpu(), token_images=token_images.cpu(),
+        # each tensor owns its memory (on CPU .cpu() is the same tensor): safetensors refuses shared ones
+        trace=trace, image=image.cpu().clone(), kept_image=kept_image.cpu().clone(), token_images=token_images.cpu(),
         kept_similarity=float(kept_sim),
         settings={"threshold": threshold, "duplicate_threshold": duplicate_threshold, "n_tokens": n,
                   "steps": kw["steps"], "guidance": kw["guidance"], "sampler": kw["sampler"],

@@ -44,20 +44,59 @@ def placeholder_position(tokenizer, template: str) -> tuple[torch.Tensor, int]:
     return ids, int(hits[0])
 
 
+def encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
+    """(tokenizer, text encoder) pairs: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def embedding_widths(pipe) -> list[int]:
+    """Width of each text encoder's token-embedding table (SDXL: [768, 1280])."""
+    return [enc.get_input_embeddings().weight.shape[1] for _, enc in encoders(pipe)]
+
+
+def token_embeddings(pipe, token_ids) -> torch.Tensor:
+    """Rows of the token-embedding table(s) for ``token_ids``, float32: (n, d). With two text encoders
+    (SDXL) the row of each table, concatenated: (n, d1 + d2). One coefficient per token then weighs both
+    rows (our extension of the method to SDXL)."""
+    rows = []
+    for _, enc in encoders(pipe):
+        table = enc.get_input_embeddings().weight
+        rows.append(table[torch.as_tensor(list(token_ids), device=table.device)].float())
+    return torch.cat([r.to(rows[0].device) for r in rows], dim=1)
+
+
 @contextmanager
 def pseudo_token(pipe, vector: torch.Tensor, template: str = "a photo of a {}"):
     """Within the block, the prompt ``template.format(PLACEHOLDER)`` means ``vector``.
 
     ``vector`` is (d,) for one pseudo-token, or (B, d) for B prompts in a batch
     (row b of the matching prompts gets ``vector[b]``). Gradients flow into
-    ``vector``. Use ``template_prompt(template)`` as the prompt.
+    ``vector``. Use ``template_prompt(template)`` as the prompt. With two text
+    encoders (SDXL), ``d = d1 + d2``: the first d1 numbers go into the first
+    encoder's table, the rest into the second's.
     """
-    ids, pos = placeholder_position(pipe.tokenizer, template)
-    table = pipe.text_encoder.get_input_embeddings()
-    width = table.weight.shape[1]
-    if vector.shape[-1] != width:
-        raise ValueError(f"pseudo-token has width {vector.shape[-1]}, the text encoder's embeddings have {width}")
+    widths = embedding_widths(pipe)
+    if vector.shape[-1] != sum(widths):
+        raise ValueError(f"pseudo-token has width {vector.shape[-1]}, the text encoder's embeddings have "
+                         f"{' + '.join(map(str, widths))}")
+    handles = []
+    start = 0
+    try:
+        for (tokenizer, encoder), width in zip(encoders(pipe), widths):
+            ids, pos = placeholder_position(tokenizer, template)
+            part = vector[..., start : start + width]
+            start += width
+            handles.append(encoder.get_input_embeddings().register_forward_hook(_hook(ids, pos, part)))
+        yield template_prompt(template)
+    finally:
+        for handle in handles:
+            handle.remove()
 
+
+def _hook(ids: torch.Tensor, pos: int, vector: torch.Tensor):
     def hook(module, inputs, output):
         input_ids = inputs[0]
         rows = (input_ids == ids.to(input_ids.device)).all(dim=-1)
@@ -71,8 +110,24 @@ def pseudo_token(pipe, vector: torch.Tensor, template: str = "a photo of a {}"):
         new[rows, pos] = v if v.dim() == 2 else v.expand(n, -1)
         return new
 
-    handle = table.register_forward_hook(hook)
-    try:
-        yield template_prompt(template)
-    finally:
-        handle.remove()
+    return hook
+
+
+def encode_template(pipe, vector: torch.Tensor, template: str, ids_prompt: torch.Tensor):
+    """The UNet's text conditioning for the template prompt with ``vector`` in it, as the pipeline makes it:
+    (encoder_hidden_states (1, L, D), added_cond_kwargs or None). Gradients flow into ``vector``.
+
+    SD 1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden states,
+    concatenated, plus the pooled (projected) embedding of the second and the size/crop conditioning
+    (original size = target size = the model's resolution, crop (0, 0)), as ``StableDiffusionXLPipeline`` does.
+    """
+    if getattr(pipe, "text_encoder_2", None) is None:
+        with pseudo_token(pipe, vector, template):
+            return pipe.text_encoder(ids_prompt)[0], None
+    device = pipe.text_encoder_2.device
+    with pseudo_token(pipe, vector, template) as prompt:
+        cond, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                do_classifier_free_guidance=False)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=cond.dtype)
+    return cond, {"text_embeds": pooled, "time_ids": time_ids}

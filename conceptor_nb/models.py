@@ -7,7 +7,9 @@ local folder of a Stable Diffusion 1.x/2.x checkpoint).
 """
 from __future__ import annotations
 
+import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,44 +50,307 @@ def _toy_path(part: str) -> Path:
     return path
 
 
-def _offline_hint(name: str, err: Exception) -> ModelNotFoundError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    how = "HF_HUB_OFFLINE is set, so only" if offline else "Only"
+def _offline(name: str) -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def _root_cause(err: Exception) -> str:
+    """The innermost error of a chain, as text: diffusers' own message can say "see the stacktrace above",
+    which a caught error does not show."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).replace(" Please check out the root cause in the stacktrace above.", "")
+    return f"{type(err).__name__}: {text}"
+
+
+def _offline_hint(name: str, err: Exception | None = None) -> ModelNotFoundError:
+    how = "HF_HUB_OFFLINE is set, so only" if _offline(name) else "Only"
+    under = f" Underlying error: {_root_cause(err)}" if err is not None else ""
     return ModelNotFoundError(
-        f"could not load model {name!r}: it is not a local folder, and it could not be loaded from the hub. "
-        f"{how} checkpoints already in the local Hugging Face cache can be used. Short names: 'toy' "
-        f"(shipped toy world), 'tiny' (random weights). Underlying error: {type(err).__name__}: {err}"
+        f"could not load model {name!r}: it is not a local folder, and it is not in the local Hugging Face cache "
+        f"({_hub_cache()}). {how} checkpoints already in that cache can be used (set HF_HOME to where they are). "
+        f"Short names: 'toy' (shipped toy world), 'tiny' (random weights); a single checkpoint file "
+        f"(*.safetensors) also works.{under}"
     )
 
 
-def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | None = None, *, seed: int = 0):
-    """A Stable-Diffusion-family diffusers pipeline, ready for Conceptor.
+def _hub_cache() -> str:
+    """The hub cache folder as the environment says now (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]).expanduser() / "hub")
+    from huggingface_hub import constants
 
-    ``name_or_path``: ``"toy"``, ``"tiny"``, a local folder or a hub id. ``dtype``
-    defaults to float32 on CPU and float16 on GPU. Every parameter is frozen.
+    return str(constants.HF_HUB_CACHE)
+
+
+@contextmanager
+def quiet_loading():
+    """Silence what loading prints that a user can do nothing about: progress bars, transformers'
+    torchvision fallback notice, diffusers' offline-cache notes and deprecation warnings."""
+    import warnings
+
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = (tlog.get_verbosity(), dlog.get_verbosity())
+    bars = (tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled())
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*(torch_dtype|deprecated|safety checker).*")
+            yield
+    finally:
+        tlog.set_verbosity(levels[0])
+        dlog.set_verbosity(levels[1])
+        if bars[0]:
+            tlog.enable_progress_bar()
+        if bars[1]:
+            dlog.enable_progress_bar()
+
+
+PIPELINES = {"StableDiffusionPipeline": "StableDiffusionPipeline", "StableDiffusionXLPipeline": "StableDiffusionXLPipeline"}
+WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model", "stable_diffusion": "model"}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def default_dtype(device: torch.device, bf16_supported: bool | None = None) -> torch.dtype:
+    """The weights' dtype: float32 on CPU and MPS; bfloat16 on a CUDA GPU that computes it, else float32.
+
+    bf16 rather than fp16 on GPUs: the fit back-propagates the diffusion loss through the whole UNet into
+    the pseudo-token, and fp16 gradients of that loss underflow without loss scaling; bf16 has float32's
+    range, runs as fast as fp16, and halves memory. The MLP, its optimiser and the loss stay float32.
     """
-    from diffusers import StableDiffusionPipeline
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported else torch.float32
+
+
+def _weights(folder: Path, stem: str) -> tuple[bool, bool]:
+    """(full-precision weights present, fp16-variant weights present) in a component folder."""
+    full = any((folder / f"{stem}{ext}").exists() or (folder / f"{stem}{ext}.index.json").exists()
+               for ext in (".safetensors", ".bin"))
+    full = full or any(folder.glob(f"{stem}-00001-of-*.safetensors"))
+    half = any((folder / f"{stem}.fp16{ext}").exists() or (folder / f"{stem}.fp16{ext}.index.json").exists()
+               for ext in (".safetensors", ".bin"))
+    half = half or any(folder.glob(f"{stem}.fp16-00001-of-*.safetensors"))
+    return full, half
+
+
+def check_pipeline_folder(folder: Path, what: str) -> tuple[dict, str | None]:
+    """model_index.json of a pipeline folder, and the weights variant to load ("fp16" or None).
+
+    Raises ModelNotFoundError naming the missing part and the folder it should be in.
+    """
+    index_file = folder / "model_index.json"
+    if not index_file.exists():
+        raise ModelNotFoundError(
+            f"{what}: the folder {folder} has no model_index.json, so it is not a diffusers pipeline folder. "
+            f"Expected model_index.json with unet/, vae/, text_encoder/, tokenizer/ and scheduler/ next to it "
+            f"(what `save_pretrained` writes); for a single checkpoint file pass the file itself."
+        )
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelNotFoundError(f"{what}: {index_file} is not valid JSON ({err})") from err
+    full_all, half_all = True, True
+    for part, spec in index.items():
+        if part.startswith("_") or not isinstance(spec, list) or spec[0] is None or part in ("safety_checker", "feature_extractor"):
+            continue
+        sub = folder / part
+        if not sub.is_dir():
+            raise ModelNotFoundError(f"{what}: the folder {folder} has no {part}/ (model_index.json lists {part}: {spec[1]})")
+        if part.startswith(("tokenizer", "scheduler")):
+            continue
+        full, half = _weights(sub, WEIGHT_NAMES.get(spec[0], "model"))
+        if not (full or half):
+            stem = WEIGHT_NAMES.get(spec[0], "model")
+            raise ModelNotFoundError(
+                f"{what}: {sub} has no weights: expected {stem}.safetensors (or {stem}.fp16.safetensors) in it")
+        full_all &= full
+        half_all &= half
+    return index, (None if full_all else "fp16")
+
+
+def _resolve_folder(name: str) -> Path | None:
+    """A local folder, or the cached snapshot of a hub id (None when the id is not cached)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.count("/") != 1 or path.exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "model_index.json", cache_dir=_hub_cache())
+    except Exception:  # an id the hub library refuses (bad characters): not in the cache
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | None = None, *, seed: int = 0,
+                  config: str | None = None):
+    """A Stable Diffusion 1.x/2.x or SDXL diffusers pipeline, ready for Conceptor.
+
+    ``name_or_path``: ``"toy"``, ``"tiny"``, a local pipeline folder, a hub id (from the local
+    Hugging Face cache when offline), or a single checkpoint file (``*.safetensors``, loaded with
+    diffusers' ``from_single_file``; ``config`` names the pipeline folder or hub id whose config
+    files go with it, default: found from the checkpoint's keys among cached repos). ``dtype``
+    defaults to :func:`default_dtype`. Weights stored only as the fp16 variant (what
+    ``variant="fp16"`` downloads) are found and cast. Every parameter is frozen.
+    """
+    with quiet_loading():  # the first import of the pipelines prints transformers' torchvision notice
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
 
     if not name_or_path or not str(name_or_path).strip():
-        raise ValueError("model name is empty: pass 'toy', 'tiny', a folder or a hub id")
+        raise ValueError("model name is empty: pass 'toy', 'tiny', a folder, a hub id or a .safetensors file")
     device = pick_device(device)
     if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.float16
+        dtype = default_dtype(device)
     name = str(name_or_path)
     if name == "tiny":
         from .tiny import tiny_pipeline
 
         pipe = tiny_pipeline(seed=seed)
+    elif name == "toy":
+        with quiet_loading():  # one tokenizer copy is shipped
+            pipe = StableDiffusionPipeline.from_pretrained(_toy_path("pipeline"), **dtype_kw(dtype), safety_checker=None,
+                                                           requires_safety_checker=False, tokenizer=clip_tokenizer())
+    elif name.lower().endswith(SINGLE_FILE_SUFFIXES) and not Path(name).is_dir():
+        pipe = load_single_file(name, dtype, config)
     else:
-        path = _toy_path("pipeline") if name == "toy" else name
-        extra = {"tokenizer": clip_tokenizer()} if name == "toy" else {}  # one tokenizer copy is shipped
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra
-            )
-        except (OSError, ValueError, EnvironmentError) as err:
-            raise _offline_hint(name, err) from err
+        pipe = _from_pretrained(name, dtype, device)
     return prepare_pipeline(pipe, name, device, dtype)
+
+
+def _from_pretrained(name: str, dtype: torch.dtype, device: torch.device):
+    import diffusers
+
+    folder = _resolve_folder(name)
+    if folder is None:
+        if _offline(name) or Path(name).exists() or name.count("/") != 1:
+            raise _offline_hint(name)
+        try:  # online: let diffusers download it
+            with quiet_loading():
+                folder = Path(diffusers.DiffusionPipeline.download(name))
+        except Exception as err:
+            raise _offline_hint(name, err) from err
+    index, variant = check_pipeline_folder(folder, f"model {name!r}")
+    if variant is None and dtype in (torch.float16, torch.bfloat16) and _fp16_everywhere(folder, index):
+        variant = "fp16"  # half the bytes to read, same values once cast to the target dtype
+    cls_name = index.get("_class_name", "")
+    if cls_name not in PIPELINES:
+        raise ModelNotFoundError(
+            f"model {name!r} is a {cls_name or 'pipeline of unknown class'} ({folder / 'model_index.json'}); "
+            f"supported: {', '.join(PIPELINES)} (Stable Diffusion 1.x, 2.x and SDXL)")
+    cls = getattr(diffusers, PIPELINES[cls_name])
+    kw = dict(**dtype_kw(dtype), variant=variant)
+    if cls_name == "StableDiffusionPipeline":
+        kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        kw.update(add_watermarker=False)
+    try:
+        with quiet_loading():
+            return cls.from_pretrained(folder, **kw)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelNotFoundError(f"could not load model {name!r} from {folder}: {_root_cause(err)}") from err
+
+
+def dtype_kw(dtype: torch.dtype) -> dict:
+    """``dtype=`` for diffusers that has it (``torch_dtype`` is deprecated there), else ``torch_dtype=``."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+# diffusers' default config repo for a checkpoint type -> other ids of the same files people have cached
+CONFIG_ALIASES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": ("runwayml/stable-diffusion-v1-5",),
+    "runwayml/stable-diffusion-v1-5": ("stable-diffusion-v1-5/stable-diffusion-v1-5",),
+    "stabilityai/stable-diffusion-2-1": ("stabilityai/stable-diffusion-2-1-base",),
+}
+
+
+def load_single_file(path: str, dtype: torch.dtype, config: str | None = None):
+    """A pipeline from one checkpoint file (the original Stable Diffusion layout), with diffusers'
+    ``from_single_file``; the component configs come from ``config`` (a pipeline folder or a hub id in the
+    local cache), by default from the cached repo diffusers associates with the checkpoint's keys."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, infer_diffusers_model_type
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ModelNotFoundError(f"checkpoint file {file} does not exist (model={path!r})")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(file))
+        except Exception as err:
+            raise ModelNotFoundError(f"checkpoint {file} is not a readable safetensors file: {err}") from err
+    else:
+        try:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ModelNotFoundError(
+                f"checkpoint {file} could not be read: it is a pickle file and does not load with "
+                f"torch.load(weights_only=True) ({type(err).__name__}: {str(err).splitlines()[0][:200]}). Pickles can run "
+                f"code, so only plain tensors are accepted: use the model's .safetensors file, or convert this one "
+                f"where you trust it.") from err
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not any(k.startswith("model.diffusion_model.") for k in state):
+        raise ModelNotFoundError(
+            f"checkpoint {file} is not a Stable Diffusion checkpoint in the original single-file layout "
+            f"(no model.diffusion_model.* weights); for a diffusers folder pass the folder")
+    kind = infer_diffusers_model_type(state)
+    if kind not in ("v1", "v2", "xl_base"):
+        raise ModelNotFoundError(
+            f"checkpoint {file} is a {kind!r} checkpoint (diffusers' name for it); supported single files: "
+            f"Stable Diffusion 1.x ('v1'), 2.x ('v2') and SDXL base ('xl_base')")
+    xl = kind == "xl_base"
+    if config is None:
+        default = fetch_diffusers_config(state)["pretrained_model_name_or_path"]
+        candidates = (default,) + CONFIG_ALIASES.get(default, ())
+        folder = next((f for f in map(_resolve_folder, candidates) if f is not None), None)
+        if folder is None:
+            raise ModelNotFoundError(
+                f"checkpoint {file} looks like a {kind!r} checkpoint, whose config files are those of "
+                f"{' or '.join(candidates)}; none of them is in the Hugging Face cache ({_hub_cache()}). "
+                f"Put them there (`huggingface-cli download {candidates[0]} --include '*.json' '*.txt'`, no weights "
+                f"needed), or pass config=<a pipeline folder with model_index.json and its subfolders' configs>.")
+    else:
+        folder = _resolve_folder(config)
+        if folder is None:
+            raise ModelNotFoundError(
+                f"config={config!r} for checkpoint {file} is neither a pipeline folder nor a hub id in the cache "
+                f"({_hub_cache()}); pass a folder holding model_index.json and the components' config files")
+    cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
+    kw = dict(add_watermarker=False) if xl else dict(safety_checker=None, requires_safety_checker=False)
+    try:
+        with quiet_loading():
+            return cls.from_single_file(str(file), config=str(folder), local_files_only=True, **dtype_kw(dtype), **kw)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelNotFoundError(f"could not load checkpoint {file} with the configs of {folder}: "
+                                 f"{_root_cause(err)}") from err
+
+
+def _fp16_everywhere(folder: Path, index: dict) -> bool:
+    for part, spec in index.items():
+        if part.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if part.startswith(("tokenizer", "scheduler", "feature_extractor", "safety_checker")):
+            continue
+        if not _weights(folder / part, WEIGHT_NAMES.get(spec[0], "model"))[1]:
+            return False
+    return True
 
 
 def prepare_pipeline(pipe, name: str, device, dtype: torch.dtype):
@@ -94,11 +359,20 @@ def prepare_pipeline(pipe, name: str, device, dtype: torch.dtype):
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in text_encoders(pipe) + [pipe.unet, pipe.vae]:
         module.requires_grad_(False)
         module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders: one for SD 1.x/2.x, two for SDXL."""
+    return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 @dataclass
@@ -161,7 +435,8 @@ def load_clip(name_or_path: str = "toy", device=None, dtype: torch.dtype | None 
     ``"toy"`` (shipped with the toy world), ``"tiny"`` (random), a folder or a hub id
     such as ``openai/clip-vit-base-patch32`` (the authors' choice for SD 2.1).
     """
-    from transformers import CLIPModel, CLIPTokenizer
+    with quiet_loading():
+        from transformers import CLIPModel, CLIPTokenizer
 
     if not name_or_path or not str(name_or_path).strip():
         raise ValueError("CLIP model name is empty: pass 'toy', 'tiny', a folder or a hub id")
@@ -172,16 +447,36 @@ def load_clip(name_or_path: str = "toy", device=None, dtype: torch.dtype | None 
 
         model, tokenizer = tiny_clip(seed=seed)
     else:
-        path = _toy_path("clip") if name == "toy" else name
+        path = _toy_path("clip") if name == "toy" else _resolve_clip_folder(name)
         try:
-            model = CLIPModel.from_pretrained(path)
-            tokenizer = clip_tokenizer() if name == "toy" else CLIPTokenizer.from_pretrained(path)
+            with quiet_loading():
+                model = CLIPModel.from_pretrained(path)
+                tokenizer = clip_tokenizer() if name == "toy" else CLIPTokenizer.from_pretrained(path)
         except (OSError, ValueError, EnvironmentError) as err:
             raise _offline_hint(name, err) from err
     model.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
     # the resolved folder, not the short name: the toy CLIP's own mean/std are in its preprocessor_config.json
-    mean, std, size = _image_norm(_toy_path("clip") if name == "toy" else name, model)
+    mean, std, size = _image_norm(path if name != "tiny" else name, model)
     return Clip(model, tokenizer, name, size, torch.tensor(mean), torch.tensor(std))
+
+
+def _resolve_clip_folder(name: str):
+    """A local folder, or the cached snapshot of a hub id (so nothing asks the hub), else the name itself."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(name, "config.json", cache_dir=_hub_cache())
+        except Exception:
+            found = None
+        if isinstance(found, str):
+            return Path(found).parent
+        if _offline(name):
+            raise _offline_hint(name)
+    return name
 
 
 def _image_norm(path, model):
