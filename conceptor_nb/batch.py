@@ -542,7 +542,7 @@ def cmd_batch(args) -> int:
     if model == "tiny" and state.is_main_process:
         print(TINY_WARNING, file=sys.stderr)
     device = args.device or state.device
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=device, config=args.model_config)
     clip = load_clip(clip_name, device=pipe.device)
     df = decompose_many(pipe, jobs, args.out, clip=clip, settings=prof.settings, top=args.top,
                         recompute=args.recompute, refresh=args.refresh, verbose=not args.quiet, state=state, **settings_overrides(args))

@@ -119,7 +119,7 @@ def cmd_decompose(args) -> int:
     if model == "tiny":
         print(TINY_WARNING, file=sys.stderr)
     t0 = time.perf_counter()
-    pipe = load_pipeline(model, device=args.device)
+    pipe = load_pipeline(model, device=args.device, config=args.model_config)
     clip = load_clip(clip_name, device=pipe.device)
     t_load = time.perf_counter() - t0
     dec = decompose(pipe, args.concept, clip=clip, settings=s, verbose=not args.quiet, refresh=args.refresh,
@@ -149,6 +149,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                                    "Diffusion model takes the 'sd' profile's settings unless CONCEPTOR_PROFILE says otherwise")
     p.add_argument("--clip", help="CLIP for the dictionary and validation (default: the one of the model's profile: "
                                   "'toy' for the toy world, openai/clip-vit-base-patch32 for Stable Diffusion)")
+    p.add_argument("--model-config", dest="model_config",
+                   help="for a single .safetensors checkpoint: the pipeline folder or cached hub id whose config "
+                        "files go with it (default: found from the checkpoint's keys among cached repos)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best there is)")
 
 

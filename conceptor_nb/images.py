@@ -108,14 +108,17 @@ def _memo(obj, compute) -> str:
 def weights_fingerprint(pipe) -> str:
     """A short hash of the pipeline's weights and of the parts that shape its images (scheduler, tokenizer).
 
-    Every parameter tensor of the UNet, VAE and text encoder contributes its name, shape, dtype and 16
+    Every parameter tensor of the UNet, VAE and text encoder(s) contributes its name, shape, dtype and 16
     evenly spaced values; retrained or edited weights under the same path get another fingerprint.
     Computed once per pipeline object and memoised on it (change weights in place: ``del
     pipe._conceptor_fingerprint``).
     """
     def compute():
         h = hashlib.sha256()
-        _hash_modules(h, {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder})
+        parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+            parts["text_encoder_2"] = pipe.text_encoder_2
+        _hash_modules(h, parts)
         h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
         h.update(str(len(pipe.tokenizer)).encode())
         return h.hexdigest()[:16]

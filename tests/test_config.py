@@ -79,3 +79,10 @@ def test_old_files_with_scheduler_names_still_load():
     dec = Decomposition("a dog", ["a"], [1], [0.5], 1, None,
                         settings={"gen_steps": 4, "gen_scheduler": "ddim", "val_scheduler": "euler", "model": "toy"})
     assert dec.settings.sampler == "ddim" and dec.settings.val_sampler == "euler" and dec.settings.gen_steps == 4
+
+
+def test_model_flags_are_shared_by_decompose_and_batch():
+    parser = build_parser()
+    for cmd, extra in (("decompose", ["a dog"]), ("batch", ["list.txt", "--out", "runs"])):
+        args = parser.parse_args([cmd, *extra, "--model", "x.safetensors", "--model-config", "some/repo"])
+        assert args.model == "x.safetensors" and args.model_config == "some/repo"
