@@ -361,6 +361,34 @@ def null_test(pipe, spec: Spec, token: str, n: int = 32, seed: int = 0, *, oracl
             "token_readings": dict(ra.most_common(4)), "empty_readings": dict(rb.most_common(4))}
 
 
+def summarise(runs: dict, k: int = 5, top: int = 10) -> dict:
+    """Means over the runs of :func:`decomposition_report` (``{concept: [row per run]}``), and each concept's
+    top-``top`` stability (mean pairwise overlap across its runs) beside the chance overlap for its dictionary."""
+    stab, chance = {}, {}
+    for c, rows in runs.items():
+        pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]]
+        stab[c] = float(np.mean([top_overlap([w for w, _ in a["top"]], [w for w, _ in b["top"]]) for a, b in pairs])) if pairs else float("nan")
+        chance[c] = float(np.mean([chance_overlap(top, r["dictionary_size"]) for r in rows]))
+    allrows = [r for rows in runs.values() for r in rows]
+    return {
+        "decompositions": len(allrows),
+        f"recall@{k}_spec_mean": float(np.mean([r[f"recall@{k}_spec"] for r in allrows])),
+        f"recall@{k}_drawn_mean": float(np.nanmean([r[f"recall@{k}_drawn"] for r in allrows])),
+        f"recall@{k}_drawn_all_perfect": all(r[f"recall@{k}_drawn"] == 1.0 for r in allrows),
+        f"not_world_in_top{k}_per_decomposition": float(np.mean([len(r["not_world_in_top"]) for r in allrows])),
+        f"stability_top{top}": stab, f"chance_top{top}": chance,
+        f"stability_top{top}_mean": float(np.nanmean(list(stab.values()))),
+        f"chance_top{top}_mean": float(np.mean(list(chance.values()))),
+    }
+
+
+def fidelity_of(table: dict, spec: Spec, guidance: float) -> dict:
+    """:func:`fidelity` of a guidance table as the report stores it (``{"1.0": {concept: generated}}``)."""
+    full = {float(g): {c: {"generated": v, "spec": {x.label: x.weight for x in spec.concepts[c].components}}
+                       for c, v in rows.items()} for g, rows in table.items()}
+    return fidelity(full, spec, guidance=guidance)
+
+
 def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=None, concepts=None, k: int = 5,
                          top: int = 10, min_share: float = 0.10, render_n: int | None = None, null_n: int = 32,
                          guidances=(1.0, 2.0, 4.0, 7.5), guidance_n: int = 128, cache_dir=None, log=print,
@@ -416,29 +444,13 @@ def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=No
                 from pathlib import Path
 
                 Path(partial_path).write_text(json.dumps(out, indent=1, default=str))
-    # stability: mean pairwise top-k overlap across runs, beside the chance overlap for each dictionary
-    stab, chance = {}, {}
-    for c, rows in out["runs"].items():
-        pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]]
-        stab[c] = float(np.mean([top_overlap([w for w, _ in a["top"]], [w for w, _ in b["top"]]) for a, b in pairs])) if pairs else float("nan")
-        chance[c] = float(np.mean([chance_overlap(top, r["dictionary_size"]) for r in rows]))
-    allrows = [r for rows in out["runs"].values() for r in rows]
-    out["summary"] = {
-        f"recall@{k}_spec_mean": float(np.mean([r[f"recall@{k}_spec"] for r in allrows])),
-        f"recall@{k}_drawn_mean": float(np.nanmean([r[f"recall@{k}_drawn"] for r in allrows])),
-        f"recall@{k}_drawn_all_perfect": all(r[f"recall@{k}_drawn"] == 1.0 for r in allrows),
-        f"not_world_in_top{k}_per_decomposition": float(np.mean([len(r["not_world_in_top"]) for r in allrows])),
-        f"stability_top{top}": stab, f"chance_top{top}": chance,
-        f"stability_top{top}_mean": float(np.mean(list(stab.values()))),
-        f"chance_top{top}_mean": float(np.mean(list(chance.values()))),
-    }
+    out["summary"] = summarise(out["runs"], k, top)
     if guidances:
         out["guidance_table"] = {str(g): {c: r["generated"] for c, r in rows.items()}
                                  for g, rows in guidance_table(pipe, spec, guidances, guidance_n, 0, oracle=oracle,
                                                                steps=s.gen_steps, sampler=s.gen_scheduler).items()}
-        out["fidelity"] = fidelity({float(g): {c: {"generated": v, "spec": {x.label: x.weight for x in spec.concepts[c].components}}
-                                               for c, v in rows.items()} for g, rows in out["guidance_table"].items()},
-                                   spec, guidance=s.guidance if float(s.guidance) in [float(g) for g in guidances] else float(guidances[-1]))
+        if float(s.guidance) in [float(g) for g in guidances]:
+            out["fidelity"] = fidelity_of(out["guidance_table"], spec, float(s.guidance))
     return out
 
 
