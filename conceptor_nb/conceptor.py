@@ -24,11 +24,9 @@ from .checks import as_images, pipeline_resolution
 from .config import Settings, resolve
 from .dictionary import Dictionary, build_dictionary
 from .errors import FitDivergedError
-from .images import concept_images, generate
+from .images import concept_images, generate, image_seeds
 from .inject import encode_template, encoders, token_embeddings, tokenize, template_prompt
 from .models import model_name
-
-VAL_SEED_OFFSET = 1_000_000  # validation seeds start here, far from the training seeds
 
 
 class CoefficientMLP(torch.nn.Module):
@@ -204,9 +202,9 @@ class Decomposition:
 
     def concept_images(self, pipe, n: int | None = None, *, seed: int | None = None, cache_dir=None,
                        verbose: bool = False) -> torch.Tensor:
-        """The first ``n`` images the decomposition was trained on (seeds ``seed, seed+1, ...``; from
-        the cache when they are there), so ``render(pipe, range(seed, seed + n))`` pairs with them.
-        ``seed``: start elsewhere (other images of the concept, same generation settings)."""
+        """The first ``n`` images the decomposition was trained on (seeds ``image_seeds(seed, n)``; from
+        the cache when they are there), so ``render(pipe, image_seeds(seed, n))`` pairs with them.
+        ``seed``: another run's images (other images of the concept, same generation settings)."""
         s = self.settings
         seed = s.seed if seed is None else seed
         return concept_images(pipe, self.prompt, n or s.n_train, seed, steps=s.gen_steps, guidance=s.guidance,
@@ -214,8 +212,7 @@ class Decomposition:
 
     def seeds(self, n: int) -> list[int]:
         """The seeds of the first ``n`` training images."""
-        seed = self.settings.seed
-        return list(range(seed, seed + n))
+        return image_seeds(self.settings.seed, n)
 
     def with_coefficient(self, token: str, value: float, *, tokenizer=None) -> "Decomposition":
         """A copy with ``token``'s coefficient set to ``value`` (a new token needs ``tokenizer``)."""
@@ -367,7 +364,7 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
     if images is None:
         images = concept_images(pipe, prompt, s.n_train, s.seed, **gen)
     if val_images is None and s.val_every > 0 and s.n_val > 0:
-        val_images = concept_images(pipe, prompt, s.n_val, s.seed + VAL_SEED_OFFSET, **gen)
+        val_images = concept_images(pipe, prompt, s.n_val, s.seed, split="val", **gen)
     timings["images_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -609,7 +606,7 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
     val_feats = None
     if clip is not None and val_images is not None and s.val_every > 0:
         val_feats = clip.image_features(val_images)
-    val_seeds = [s.seed + VAL_SEED_OFFSET + i for i in range(0 if val_images is None else len(val_images))]
+    val_seeds = image_seeds(s.seed, len(val_images), "val") if val_images is not None else []
 
     def top_vector(alpha):
         top = torch.topk(alpha, n_top).indices

@@ -44,6 +44,22 @@ def scheduler(pipe, name: str | None):
         pipe.scheduler = old
 
 
+SEED_STRIDE = 1_000_003  # run seeds are this far apart: runs with different seeds share no image
+VAL_OFFSET = 500_000  # a run's validation images start here, inside its own stride
+
+
+def image_seeds(seed: int, n: int, split: str = "train") -> list[int]:
+    """The generator seeds of a run's ``n`` concept images: ``seed * 1_000_003 + i`` (``split="val"``:
+    ``+ 500_000 + i``). The one mapping from a run's seed to its images, so that runs with different
+    seeds (and a run's training and validation sets) are disjoint for up to 500,000 images each."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not 0 <= n <= VAL_OFFSET:
+        raise ValueError(f"n must be in 0..{VAL_OFFSET}, got {n}")
+    start = int(seed) * SEED_STRIDE + (VAL_OFFSET if split == "val" else 0)
+    return list(range(start, start + n))
+
+
 @torch.no_grad()
 def generate(pipe, prompt: str, seeds, *, steps: int = 50, guidance: float = 7.5, sampler: str | None = "dpm",
              pseudo: torch.Tensor | None = None, template: str = "a photo of a {}", batch_size: int = 8,
@@ -139,8 +155,8 @@ def clip_fingerprint(clip) -> str:
 
 def concept_images(pipe, prompt: str, n: int, seed: int = 0, *, steps: int = 50, guidance: float = 7.5,
                    sampler: str | None = "lms", batch_size: int = 8, cache_dir: str | Path | None = None,
-                   refresh: bool = False, verbose: bool = True) -> torch.Tensor:
-    """``n`` images of ``prompt`` with seeds ``seed .. seed+n-1``, cached on disk.
+                   refresh: bool = False, verbose: bool = True, split: str = "train") -> torch.Tensor:
+    """``n`` images of ``prompt`` with the seeds ``image_seeds(seed, n, split)``, cached on disk.
 
     The cache key holds a fingerprint of the weights (not only the model's name), the prompt, seeds,
     steps, guidance, sampler, image size, dtype and device type; each entry carries a checksum, and an
@@ -151,12 +167,12 @@ def concept_images(pipe, prompt: str, n: int, seed: int = 0, *, steps: int = 50,
 
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
-    seeds = list(range(seed, seed + n))
+    seeds = image_seeds(seed, n, split)
     kw = dict(steps=steps, guidance=guidance, sampler=sampler, batch_size=batch_size, verbose=verbose)
     if cache_dir is False:
         return generate(pipe, prompt, seeds, **kw)
-    key = dict(model=model_name(pipe), weights=weights_fingerprint(pipe), prompt=prompt, seed=seed,
-               n=n, steps=steps, guidance=guidance, sampler=sampler, size=pipe.unet.config.sample_size,
+    key = dict(model=model_name(pipe), weights=weights_fingerprint(pipe), prompt=prompt, seeds=[seeds[0], n],
+               steps=steps, guidance=guidance, sampler=sampler, size=pipe.unet.config.sample_size,
                dtype=str(pipe.unet.dtype), device=pipe.unet.device.type)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = _writable(Path(cache_dir or default_cache_dir()) / "images") / digest

@@ -113,8 +113,33 @@ if ex.ground_truth:
     scores = score_frame(decs.values())
     display(scores)
 
+# %% [markdown]
+# The full measurement on the shipped weights (three runs per concept whose seeds pick disjoint
+# concept images, recall@5 against the spec and against the constituents the model actually draws,
+# tokens outside the world's words, stability beside chance, and the guidance table) comes from
+# `python -m conceptor_nb.toyworld.evaluate --decompose --seeds 0,1,2`; its last result is shipped
+# with the world, and `conceptor_nb/data/toyworld/README.md` shows the same tables.
+
 # %%
 if ex.ground_truth:
+    import json
+
+    from IPython.display import Markdown
+
+    from conceptor_nb.config import data_dir
+    from conceptor_nb.examples import toy_spec
+    from conceptor_nb.toyworld.evaluate import report_markdown
+
+    shipped = json.loads((data_dir() / "toyworld" / "decomposition_report.json").read_text())
+    display(Markdown(report_markdown(shipped, toy_spec())))
+
+# %%
+if ex.ground_truth:
+    # what the shipped measurement promises: no token outside the world's words in any top 5, and every
+    # run's top 5 holds most of what the model draws (the issue-11 target of 100% is not met: see the README)
+    assert shipped["summary"]["not_world_in_top5_per_decomposition"] == 0
+    assert shipped["summary"]["recall@5_drawn_mean"] >= 0.85
+    assert shipped["summary"]["stability_top10_mean"] > shipped["summary"]["chance_top10_mean"]
     assert scores["recall@5"].mean() >= 0.5, scores
     assert (scores["recall@5"] > 0).all(), "every hidden concept should get at least one constituent in its top 5"
 for d in decs.values():  # every fit ran, kept a validated step, and its coefficients are ordered

@@ -195,7 +195,122 @@ def test_shipped_clip_matches_words(spec, monkeypatch):
     assert int(torch.argmax(txt @ img)) == 0
 
 
+@needs_toy
+def test_shipped_text_encoder_has_no_out_of_distribution_rows(spec):
+    """Issue 11: every token row is at the one norm the model was trained with (rows were projected back
+    to it after every step), so the whole table's mean norm, Conceptor's rescaling target, is that norm."""
+    from safetensors.torch import load_file
+
+    from conceptor_nb.toyworld.train import TrainConfig
+
+    w = load_file(SHIPPED / "pipeline" / "text_encoder" / "model.safetensors")["embeddings.token_embedding.weight"]
+    norms = w.float().norm(dim=-1)
+    cfg = TrainConfig.load(SHIPPED / "pipeline_train_config.json")
+    assert cfg.vocab_norm is not None
+    assert torch.allclose(norms, torch.full_like(norms, cfg.vocab_norm), rtol=2e-3), (norms.min(), norms.max())
+
+
+# --------------------------------------------------------------------------- seeds of a run's images
+def test_image_seeds_of_runs_are_disjoint():
+    from conceptor_nb.images import image_seeds
+
+    sets = [set(image_seeds(s, 100)) | set(image_seeds(s, 20, "val")) for s in (0, 1, 2)]
+    assert all(len(x) == 120 for x in sets)  # a run's training and validation images differ too
+    assert not (sets[0] & sets[1]) and not (sets[1] & sets[2]) and not (sets[0] & sets[2])
+    assert image_seeds(1, 3) == [1_000_003, 1_000_004, 1_000_005]
+    assert image_seeds(0, 2) == [0, 1] and image_seeds(0, 0) == []
+    with pytest.raises(ValueError):
+        image_seeds(0, 1, "test")
+
+
+def test_decomposition_seeds_follow_the_mapping():
+    from conceptor_nb.conceptor import Decomposition
+    from conceptor_nb.images import image_seeds
+
+    dec = Decomposition(concept="fruit", tokens=["apple"], token_ids=[1], coefficients=[1.0], n_tokens=1, norm=None,
+                        template="a photo of a {}", prompt="a photo of a fruit", model="toy", clip="toy",
+                        settings={"seed": 2})
+    assert dec.seeds(4) == image_seeds(2, 4)
+
+
+# --------------------------------------------------------------------------- scoring helpers
+def test_constituent_shares_and_drawn(spec):
+    from conceptor_nb.toyworld.evaluate import constituent_shares, drawn_constituents
+
+    gen = {"blue person": 0.85, "red person": 0.05, "other": 0.10}
+    sh = constituent_shares(spec, "doctor", gen)
+    assert sh == pytest.approx({"person": 0.90, "blue": 0.85, "red": 0.05})
+    assert drawn_constituents(spec, "doctor", gen) == ["person", "blue"]
+    assert drawn_constituents(spec, "doctor", gen, min_share=0.05) == ["person", "blue", "red"]
+
+
+def test_overlap_and_chance():
+    from conceptor_nb.toyworld.evaluate import chance_overlap, top_overlap
+
+    assert top_overlap(list("abcde"), list("abxyz")) == pytest.approx(0.4)
+    assert chance_overlap(10, 28) == pytest.approx(10 / 28)
+    assert chance_overlap(10, 5) == 1.0
+    # the chance overlap is what two random top-10 sets share on average
+    rng = np.random.default_rng(0)
+    sim = np.mean([len(set(rng.choice(28, 10, replace=False)) & set(rng.choice(28, 10, replace=False))) / 10
+                   for _ in range(4000)])
+    assert sim == pytest.approx(chance_overlap(10, 28), abs=0.01)
+
+
+def test_report_markdown_and_readme_section(spec, tmp_path):
+    from conceptor_nb.toyworld.evaluate import fidelity, report_markdown, write_readme_section
+
+    row = {"seed": 0, "top": [["apple", 0.3], ["lemon", 0.2]], "recall@5_spec": 1.0, "recall@5_drawn": 1.0,
+           "drawn": ["apple", "lemon"], "not_world_in_top": [], "dictionary_size": 20}
+    table = {1.0: {"fruit": {"generated": {"apple": 0.55, "lemon": 0.35, "other": 0.1}, "spec": {"apple": 0.6, "lemon": 0.4}}},
+             2.0: {"fruit": {"generated": {"apple": 0.7, "lemon": 0.08, "other": 0.22}, "spec": {"apple": 0.6, "lemon": 0.4}}}}
+    fd = fidelity(table, spec, guidance=2.0)
+    assert fd["ok_at_1"] and not fd["ok_at_guidance"] and fd["min_share_at_guidance"]["fruit"] == pytest.approx(0.08)
+    rep = {"settings": {"k": 5, "top": 10}, "runs": {"fruit": [row, dict(row, seed=1)]},
+           "summary": {"recall@5_spec_mean": 1.0, "recall@5_drawn_mean": 1.0, "recall@5_drawn_all_perfect": True,
+                       "not_world_in_top5_per_decomposition": 0.0, "stability_top10": {"fruit": 1.0},
+                       "chance_top10": {"fruit": 0.5}, "stability_top10_mean": 1.0, "chance_top10_mean": 0.5},
+           "guidance_table": {"1.0": {"fruit": table[1.0]["fruit"]["generated"]}}, "fidelity": fd}
+    md = report_markdown(rep, spec)
+    assert "| fruit | 0 | apple 0.30, lemon 0.20 | 100% | 100% (apple, lemon) | - |" in md
+    assert "| fruit | 1.00 | 0.50 |" in md
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n")
+    write_readme_section(readme, "first")
+    write_readme_section(readme, "second")
+    text = readme.read_text()
+    assert text.startswith("# title") and "second" in text and "first" not in text
+
+
 # --------------------------------------------------------------------------- training
+def test_train_config_round_trip_and_flags(tmp_path):
+    from conceptor_nb.toyworld.train import TrainConfig, build_parser, config_from_args
+
+    cfg = TrainConfig(seed=3, vocab_norm=None, unet_channels=[8, 16])
+    cfg.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == cfg
+    a = build_parser().parse_args(["--out", "x", "--config", str(tmp_path / "c.json"), "--batch", "64", "--vocab-norm", "0.4"])
+    got = config_from_args(a)
+    assert (got.seed, got.batch, got.vocab_norm, got.unet_channels) == (3, 64, 0.4, [8, 16])
+    a = build_parser().parse_args(["--out", "x", "--vocab-norm", "none", "--no-fp16"])
+    assert config_from_args(a).vocab_norm is None and config_from_args(a).fp16 is False
+    (tmp_path / "bad.json").write_text(json.dumps({"seed": 1, "nonsense": 2}))
+    with pytest.raises(ValueError, match="nonsense"):
+        TrainConfig.load(tmp_path / "bad.json")
+
+
+def test_project_rows_keeps_directions():
+    from conceptor_nb.toyworld.train import project_rows
+
+    w = torch.randn(50, 8)
+    before = torch.nn.functional.normalize(w, dim=-1)
+    project_rows(w, 0.5)
+    assert torch.allclose(w.norm(dim=-1), torch.full((50,), 0.5), atol=1e-6)
+    assert torch.allclose(torch.nn.functional.normalize(w, dim=-1), before, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_train_quick_end_to_end(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -204,10 +319,16 @@ def test_train_quick_end_to_end(tmp_path):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(TINY_SPEC))
     out = tmp_path / "out"
-    report = main(["--spec", str(spec_path), "--out", str(out), "--seed", "0", "--quick"])
+    report = main(["--spec", str(spec_path), "--out", str(out), "--seed", "0", "--quick", "--vocab-norm", "0.45"])
     assert (out / "pipeline" / "model_index.json").exists()
     assert (out / "clip" / "preprocessor_config.json").exists()
     assert json.loads((out / "train_log.json").read_text())["spec"] == "tiny-test-world"
-    assert report["vocab_norms"]["mean_norm_all"] > 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["vocab_norm"] == 0.45 and saved["spec"] == str(spec_path)
+    # the token table stayed at one norm throughout: no row the model never saw at that norm
+    assert report["vocab_norms"]["ratio_all_over_world"] == pytest.approx(1.0, abs=1e-4)
+    assert report["vocab_norms"]["mean_norm_all"] == pytest.approx(0.45, abs=1e-4)
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
     assert pipe.unet.config.sample_size == 16 and pipe.scheduler.config.prediction_type == "epsilon"
+    norms = pipe.text_encoder.get_input_embeddings().weight.norm(dim=-1)
+    assert torch.allclose(norms, torch.full_like(norms, 0.45), rtol=2e-3)

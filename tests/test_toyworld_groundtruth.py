@@ -16,6 +16,8 @@ from conceptor_nb.toyworld.oracle import Oracle
 
 TOY = settings("toy")
 
+pytestmark = pytest.mark.slow  # decompositions of the shipped toy world: minutes of CPU (CI runs -m slow too)
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
@@ -43,6 +45,9 @@ def test_null_filter_keeps_the_worlds_words(toy):
     words = set(spec.world_words) - {"fruit", spec.filler_word}
     assert words <= set(kept.tokens), words - set(kept.tokens)
     assert "fruit" not in kept.tokens
+    # issue 11 target 2 rests on this: no token outside the world's words survives the toy filter
+    # (the shipped CLIP, trained longer with 256 text-only negatives, reads every one of them as no word)
+    assert set(kept.tokens) <= set(spec.world_words), set(kept.tokens) - set(spec.world_words)
 
 
 @pytest.mark.parametrize("concept", ["fruit", "sun"])
@@ -95,3 +100,65 @@ def test_sweep_of_a_colour_is_monotone(toy, decs):
     share = sw.scores["orange"]
     assert all(b >= a - 1 / 16 for a, b in zip(share, share[1:])), share
     assert share[-1] - share[0] >= 0.25, share
+
+
+# --------------------------------------------------------------------------- issue 11 targets, cheaper subset
+# Three concepts (a mixture, the biased one, a colour mixture), two runs whose seeds pick disjoint concept
+# images (conceptor_nb.images.image_seeds), 150 fit steps instead of the profile's 300. The full measurement
+# is `python -m conceptor_nb.toyworld.evaluate --decompose --seeds 0,1,2` (conceptor_nb/data/toyworld/README.md).
+TARGET_CONCEPTS = ("fruit", "doctor", "leaf")
+CHEAP = TOY.replace(steps=150)
+
+
+@pytest.fixture(scope="module")
+def runs(toy):
+    from conceptor_nb.toyworld.evaluate import drawn_constituents, mixture_proportions
+
+    pipe, clip, cache = toy
+    spec, oracle = toy_spec(), Oracle(toy_spec())
+    out = {}
+    for seed in (0, 1):
+        for c in TARGET_CONCEPTS:
+            dec = decompose(pipe, c, clip=clip, settings=CHEAP.replace(seed=seed), cache_dir=cache, verbose=False)
+            gen = mixture_proportions(pipe, spec, c, oracle=oracle, images=dec.concept_images(pipe, cache_dir=cache)).generated
+            out[c, seed] = (dec, drawn_constituents(spec, c, gen))
+    return out
+
+
+def _words(dec, k):
+    return [t.replace("</w>", "") for t in dec.tokens[:k]]
+
+
+@pytest.mark.slow
+def test_runs_use_disjoint_images(runs):
+    a, b = runs["fruit", 0][0], runs["fruit", 1][0]
+    assert not set(a.seeds(48)) & set(b.seeds(48))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 11 target 1 is missed on the shipped weights: recall@5 of drawn "
+                   "constituents 89% (16 of 18 runs measured), generic shapes (cross, square) take top-5 places")
+def test_target1_top5_holds_every_drawn_constituent(runs):
+    missed = {key: sorted(set(drawn) - set(_words(dec, 5))) for key, (dec, drawn) in runs.items()}
+    assert not any(missed.values()), missed
+
+
+@pytest.mark.slow
+def test_target2_no_meaningless_token_in_top5(runs):
+    world = set(toy_spec().world_words)
+    outside = {key: [w for w in _words(dec, 5) if w not in world] for key, (dec, _) in runs.items()}
+    assert not any(outside.values()), outside
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 11 target 3 is missed on the shipped weights: top-10 stability "
+                   "0.79 across three runs against a chance overlap of 0.48")
+def test_target3_top10_stable_across_runs(runs):
+    from conceptor_nb.toyworld.evaluate import chance_overlap, top_overlap
+
+    for c in TARGET_CONCEPTS:
+        a, b = runs[c, 0][0], runs[c, 1][0]
+        overlap = top_overlap(_words(a, 10), _words(b, 10))
+        assert overlap > chance_overlap(10, len(a.tokens)), (c, overlap)
+    mean = sum(top_overlap(_words(runs[c, 0][0], 10), _words(runs[c, 1][0], 10)) for c in TARGET_CONCEPTS) / 3
+    assert mean >= 0.9, mean

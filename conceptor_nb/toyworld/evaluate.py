@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -23,33 +24,14 @@ from .spec import Spec, load_spec
 
 
 # --------------------------------------------------------------------------- generation
-def _set_scheduler(pipe, name: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    cls = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler}.get(name)
-    if cls is None:
-        raise ValueError(f"scheduler {name!r}: use 'dpm' or 'ddim'")
-    return cls.from_config(pipe.scheduler.config)
-
-
-@torch.no_grad()
 def generate(pipe, prompt: str, n: int = 32, seed: int = 0, *, steps: int = 20, guidance: float = 4.0,
-             scheduler: str = "dpm", batch_size: int = 16, size: int | None = None) -> torch.Tensor:
-    """``n`` images (n, 3, H, W) in [0, 1] for ``prompt``; batch ``i`` uses seed ``seed + i``."""
-    old = pipe.scheduler
-    pipe.scheduler = _set_scheduler(pipe, scheduler)
-    try:
-        out = []
-        for i, start in enumerate(range(0, n, batch_size)):
-            b = min(batch_size, n - start)
-            g = torch.Generator("cpu").manual_seed(seed + i)
-            kw = {} if size is None else {"height": size, "width": size}
-            res = pipe([prompt] * b, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                       output_type="pt", **kw)
-            out.append(res.images.float().cpu())
-        return torch.cat(out).clamp(0, 1)
-    finally:
-        pipe.scheduler = old
+             sampler: str = "dpm", batch_size: int = 64) -> torch.Tensor:
+    """``n`` images (n, 3, H, W) in [0, 1] of ``prompt``, seeds ``seed .. seed+n-1``
+    (the package's :func:`conceptor_nb.images.generate`, without a progress bar)."""
+    from ..images import generate as _generate
+
+    return _generate(pipe, prompt, range(seed, seed + n), steps=steps, guidance=guidance, sampler=sampler,
+                     batch_size=batch_size, verbose=False)
 
 
 def _spec_oracle(spec, oracle):
@@ -138,6 +120,34 @@ def mixture_proportions(pipe, spec: Spec | None, concept: str, n: int = 32, seed
     want = {lab: c.weight for lab, c in zip(labels, con.components)}
     diff = max(abs(gen[lab] - want[lab]) for lab in labels)
     return MixtureResult(concept, prompt, len(rd), want, gen, diff)
+
+
+def guidance_table(pipe, spec: Spec | str | None = None, guidances=(1.0, 2.0, 4.0, 7.5), n: int = 128, seed: int = 0,
+                   *, oracle: Oracle | None = None, steps: int = 20, sampler: str = "dpm", log=None) -> dict:
+    """{guidance: {concept: MixtureResult.as_dict()}}: what the model draws for each hidden concept at
+    each guidance scale (same seeds for every scale), judged by the oracle."""
+    spec, oracle = _spec_oracle(spec, oracle)
+    out = {}
+    for g in guidances:
+        out[float(g)] = {}
+        for c in spec.concept_words:
+            m = mixture_proportions(pipe, spec, c, n, seed, oracle=oracle, steps=steps, guidance=float(g), sampler=sampler)
+            out[float(g)][c] = m.as_dict()
+            if log:
+                log(f"guidance {g:g} {c}: " + ", ".join(f"{k} {v:.0%}" for k, v in m.generated.items()))
+    return out
+
+
+def fidelity(table: dict, spec: Spec, *, guidance: float, tolerance: float = 0.10, min_share: float = 0.10) -> dict:
+    """Target 4 of issue 11 read off a :func:`guidance_table`: at guidance 1 every spec component within
+    ``tolerance`` of its spec share; at ``guidance`` every component drawn in at least ``min_share`` of images."""
+    g1 = table.get(1.0) or table.get(1)
+    gp = table[float(guidance)]
+    worst1 = {c: max(abs(r["generated"][k] - r["spec"][k]) for k in r["spec"]) for c, r in g1.items()} if g1 else {}
+    least = {c: min(r["generated"][k] for k in r["spec"]) for c, r in gp.items()}
+    return {"guidance": float(guidance), "max_diff_at_1": worst1, "min_share_at_guidance": least,
+            "ok_at_1": bool(g1) and all(v <= tolerance + 1e-9 for v in worst1.values()),
+            "ok_at_guidance": all(v >= min_share - 1e-9 for v in least.values())}
 
 
 # --------------------------------------------------------------------------- CLIP filter
@@ -275,10 +285,10 @@ def vocab_norm_check(text_encoder, spec: Spec, tokenizer) -> dict:
 
 
 def full_report(pipe, clip, spec: Spec, n: int = 32, seed: int = 0, *, steps: int = 20, guidance: float = 4.0,
-                scheduler: str = "dpm", pairs: list[str] | None = None, log=print) -> dict:
+                sampler: str = "dpm", pairs: list[str] | None = None, log=print) -> dict:
     """Every number the README reports, measured with the oracle."""
     oracle = Oracle(spec)
-    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler)
+    kw = dict(steps=steps, guidance=guidance, sampler=sampler)
     out = {"settings": {"n": n, "seed": seed, **kw}}
     out["vocab_norms"] = vocab_norm_check(pipe.text_encoder, spec, pipe.tokenizer)
     log(f"vocab norms {out['vocab_norms']}")
@@ -313,35 +323,286 @@ def full_report(pipe, clip, spec: Spec, n: int = 32, seed: int = 0, *, steps: in
     return out
 
 
+# --------------------------------------------------------------------------- decompositions against ground truth
+def constituent_shares(spec: Spec, concept: str, generated: dict) -> dict:
+    """{constituent: share of images that show it}, from component shares (``MixtureResult.generated``):
+    a constituent is drawn in every image of each component whose words name it."""
+    comps = spec.concepts[concept].components
+    return {w: sum(generated.get(c.label, 0.0) for c in comps if w in c.words) for w in spec.concepts[concept].constituents}
+
+
+def drawn_constituents(spec: Spec, concept: str, generated: dict, min_share: float = 0.10) -> list[str]:
+    """The constituents shown in at least ``min_share`` of the images (the ones a decomposition can see)."""
+    return [w for w, v in constituent_shares(spec, concept, generated).items() if v >= min_share - 1e-9]
+
+
+def top_overlap(a: list[str], b: list[str]) -> float:
+    """|a & b| / |a| for two top-k lists of equal length."""
+    return len(set(a) & set(b)) / max(1, len(a))
+
+
+def chance_overlap(k: int, dictionary_size: int) -> float:
+    """Expected overlap of two random k-subsets of a dictionary of ``dictionary_size`` tokens: k / size."""
+    return min(1.0, k / max(1, dictionary_size))
+
+
+@torch.no_grad()
+def null_test(pipe, spec: Spec, token: str, n: int = 32, seed: int = 0, *, oracle: Oracle | None = None, **gen_kw) -> dict:
+    """Is ``token`` meaningless to the model? Render "a photo of a <token>" and the empty template "a photo of a"
+    with the same seeds; report the total-variation distance between the oracle's (colour, glyph) readings of
+    the two sets and the mean pixel distance of same-seed pairs (0, 0: the token changes nothing)."""
+    spec, oracle = _spec_oracle(spec, oracle)
+    empty = spec.template.format("").strip()
+    a = generate(pipe, spec.template.format(token), n, seed, **gen_kw)
+    b = generate(pipe, empty, n, seed, **gen_kw)
+    ra, rb = Counter(f"{r.colour} {r.glyph}" for r in oracle(a)), Counter(f"{r.colour} {r.glyph}" for r in oracle(b))
+    tv = 0.5 * sum(abs(ra[k] - rb[k]) for k in set(ra) | set(rb)) / n
+    return {"token": token, "tv_distance_to_empty": tv, "pixel_distance_to_empty": float((a - b).abs().mean()),
+            "token_readings": dict(ra.most_common(4)), "empty_readings": dict(rb.most_common(4))}
+
+
+def summarise(runs: dict, k: int = 5, top: int = 10) -> dict:
+    """Means over the runs of :func:`decomposition_report` (``{concept: [row per run]}``), and each concept's
+    top-``top`` stability (mean pairwise overlap across its runs) beside the chance overlap for its dictionary."""
+    stab, chance = {}, {}
+    for c, rows in runs.items():
+        pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]]
+        stab[c] = float(np.mean([top_overlap([w for w, _ in a["top"]], [w for w, _ in b["top"]]) for a, b in pairs])) if pairs else float("nan")
+        chance[c] = float(np.mean([chance_overlap(top, r["dictionary_size"]) for r in rows]))
+    allrows = [r for rows in runs.values() for r in rows]
+    return {
+        "decompositions": len(allrows),
+        f"recall@{k}_spec_mean": float(np.mean([r[f"recall@{k}_spec"] for r in allrows])),
+        f"recall@{k}_drawn_mean": float(np.nanmean([r[f"recall@{k}_drawn"] for r in allrows])),
+        f"recall@{k}_drawn_all_perfect": all(r[f"recall@{k}_drawn"] == 1.0 for r in allrows),
+        f"not_world_in_top{k}_per_decomposition": float(np.mean([len(r["not_world_in_top"]) for r in allrows])),
+        f"stability_top{top}": stab, f"chance_top{top}": chance,
+        f"stability_top{top}_mean": float(np.nanmean(list(stab.values()))),
+        f"chance_top{top}_mean": float(np.mean(list(chance.values()))),
+    }
+
+
+def fidelity_of(table: dict, spec: Spec, guidance: float) -> dict:
+    """:func:`fidelity` of a guidance table as the report stores it (``{"1.0": {concept: generated}}``)."""
+    full = {float(g): {c: {"generated": v, "spec": {x.label: x.weight for x in spec.concepts[c].components}}
+                       for c, v in rows.items()} for g, rows in table.items()}
+    return fidelity(full, spec, guidance=guidance)
+
+
+def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=None, concepts=None, k: int = 5,
+                         top: int = 10, min_share: float = 0.10, render_n: int | None = None, null_n: int = 32,
+                         guidances=(1.0, 2.0, 4.0, 7.5), guidance_n: int = 128, cache_dir=None, log=print,
+                         partial_path=None) -> dict:
+    """Issue 11's measurements: per concept and run (a run's seed picks disjoint concept images, see
+    :func:`conceptor_nb.images.image_seeds`) the top-``top`` tokens, recall@``k`` against the spec's
+    constituents and against the drawn ones (shown in >= ``min_share`` of that run's concept images), the
+    tokens outside the world's words in the top ``k`` (each rendered alone against the empty template),
+    the oracle proportions of the concept images and of the pseudo-token's renders, top-``top`` stability
+    across runs beside the chance overlap for the dictionary, and the guidance table."""
+    from ..config import settings as profile_settings
+    from ..conceptor import decompose
+
+    s = settings or profile_settings("toy")
+    oracle = Oracle(spec)
+    world = set(spec.world_words)
+    concepts = list(concepts or spec.concept_words)
+    gen_kw = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.sampler)
+    out = {"settings": {"profile": s.to_dict(), "seeds": list(seeds), "k": k, "top": top, "min_share": min_share},
+           "runs": {}, "null_tests": {}}
+    for seed in seeds:
+        for c in concepts:
+            t = time.time()
+            dec = decompose(pipe, c, clip=clip, settings=s.replace(seed=int(seed)), cache_dir=cache_dir, verbose=False)
+            imgs = dec.concept_images(pipe, cache_dir=cache_dir)
+            m = mixture_proportions(pipe, spec, c, oracle=oracle, images=imgs)
+            drawn = drawn_constituents(spec, c, m.generated, min_share)
+            words = [_clean(x) for x in dec.tokens[:top]]
+            sc = score_decomposition(dec, spec, c, k=k)
+            found_drawn = [w for w in drawn if w in words[:k]]
+            row = {"concept": c, "seed": int(seed), "image_seeds": [dec.seeds(1)[0], len(imgs)],
+                   "top": [[w, round(float(x), 4)] for w, x in zip(words, dec.coefficients[:top])],
+                   "dictionary_size": len(dec.tokens), f"recall@{k}_spec": sc.recall_at_k,
+                   f"recall@{k}_drawn": len(found_drawn) / len(drawn) if drawn else float("nan"),
+                   "drawn": drawn, "missing_spec": sc.missing, "missing_drawn": [w for w in drawn if w not in found_drawn],
+                   "not_world_in_top": [w for w in words[:k] if w not in world],
+                   "concept_images": m.generated}
+            if render_n:
+                n = min(render_n, len(imgs))
+                rend = dec.render(pipe, dec.seeds(n))
+                row["renders"] = mixture_proportions(pipe, spec, c, oracle=oracle, images=rend).generated
+                row["concept_images_first_n"] = mixture_proportions(pipe, spec, c, oracle=oracle, images=imgs[:n]).generated
+            row["seconds"] = round(time.time() - t, 1)
+            out["runs"].setdefault(c, []).append(row)
+            if log:
+                log(f"seed {seed} {c}: top {words[:k]} recall spec {row[f'recall@{k}_spec']:.2f} drawn "
+                    f"{row[f'recall@{k}_drawn']:.2f} not-world {row['not_world_in_top']} ({row['seconds']}s)")
+            for w in row["not_world_in_top"]:
+                if w not in out["null_tests"]:
+                    out["null_tests"][w] = null_test(pipe, spec, w, null_n, 0, oracle=oracle, **gen_kw)
+            if partial_path:  # what is done so far, in case the run is cut short
+                import json
+                from pathlib import Path
+
+                Path(partial_path).write_text(json.dumps(out, indent=1, default=str))
+    out["summary"] = summarise(out["runs"], k, top)
+    if guidances:
+        out["guidance_table"] = {str(g): {c: r["generated"] for c, r in rows.items()}
+                                 for g, rows in guidance_table(pipe, spec, guidances, guidance_n, 0, oracle=oracle,
+                                                               steps=s.gen_steps, sampler=s.sampler).items()}
+        if float(s.guidance) in [float(g) for g in guidances]:
+            out["fidelity"] = fidelity_of(out["guidance_table"], spec, float(s.guidance))
+    return out
+
+
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.0f}%"
+
+
+def report_markdown(rep: dict, spec: Spec) -> str:
+    """The decomposition report as Markdown tables (what the README shows)."""
+    k, top = rep["settings"]["k"], rep["settings"]["top"]
+    lines = ["| concept | run (seed) | top-10 tokens (coefficient) | recall@5 spec | recall@5 drawn | not-world in top 5 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for c, rows in rep["runs"].items():
+        for r in rows:
+            toks = ", ".join(f"{w} {x:.2f}" for w, x in r["top"])
+            lines.append(f"| {c} | {r['seed']} | {toks} | {_pct(r[f'recall@{k}_spec'])} | {_pct(r[f'recall@{k}_drawn'])} "
+                         f"({', '.join(r['drawn'])}) | {', '.join(r['not_world_in_top']) or '-'} |")
+    sm = rep["summary"]
+    lines += ["", f"Mean recall@{k}: spec constituents {_pct(sm[f'recall@{k}_spec_mean'])}, drawn constituents "
+              f"{_pct(sm[f'recall@{k}_drawn_mean'])} (every run 100%: {sm[f'recall@{k}_drawn_all_perfect']}); "
+              f"tokens outside the world's words in a top {k}: {sm[f'not_world_in_top{k}_per_decomposition']:.2f} per decomposition.",
+              "", f"| concept | top-{top} stability across runs | chance overlap (top {top} / dictionary size) |", "| --- | --- | --- |"]
+    for c in rep["runs"]:
+        lines.append(f"| {c} | {sm[f'stability_top{top}'][c]:.2f} | {sm[f'chance_top{top}'][c]:.2f} |")
+    lines.append(f"| mean | {sm[f'stability_top{top}_mean']:.2f} | {sm[f'chance_top{top}_mean']:.2f} |")
+    if rep.get("null_tests"):
+        lines += ["", "| token outside the world | oracle TV distance to the empty template | mean pixel distance |", "| --- | --- | --- |"]
+        for w, t in rep["null_tests"].items():
+            lines.append(f"| {w} | {t['tv_distance_to_empty']:.2f} | {t['pixel_distance_to_empty']:.3f} |")
+    if any("renders" in r for rows in rep["runs"].values() for r in rows):
+        lines += ["", "| concept | run | concept images (oracle) | pseudo-token renders, same seeds (oracle) |", "| --- | --- | --- | --- |"]
+        for c, rows in rep["runs"].items():
+            for r in rows:
+                if "renders" in r:
+                    f = lambda d: ", ".join(f"{a} {_pct(b)}" for a, b in d.items())
+                    lines.append(f"| {c} | {r['seed']} | {f(r['concept_images_first_n'])} | {f(r['renders'])} |")
+    if rep.get("guidance_table"):
+        gs = list(rep["guidance_table"])
+        lines += ["", "| concept | spec | " + " | ".join(f"guidance {g}" for g in gs) + " |", "| --- | --- |" + " --- |" * len(gs)]
+        for c in spec.concept_words:
+            if c not in rep["guidance_table"][gs[0]]:
+                continue
+            want = ", ".join(f"{x.label} {_pct(x.weight)}" for x in spec.concepts[c].components)
+            cells = [", ".join(f"{a} {_pct(b)}" for a, b in rep["guidance_table"][g][c].items()) for g in gs]
+            lines.append(f"| {c} | {want} | " + " | ".join(cells) + " |")
+        fd = rep.get("fidelity")
+        if fd:
+            lines += ["", f"Fidelity: at guidance 1 every component within 10 points of the spec: {fd['ok_at_1']} "
+                      f"(largest gap per concept: " + ", ".join(f"{c} {100 * v:.0f}" for c, v in fd["max_diff_at_1"].items())
+                      + f"); at guidance {fd['guidance']:g} every component drawn in >= 10% of images: {fd['ok_at_guidance']} "
+                      f"(smallest share: " + ", ".join(f"{c} {_pct(v)}" for c, v in fd["min_share_at_guidance"].items()) + ")."]
+    return "\n".join(lines)
+
+
+README_BEGIN, README_END = "<!-- evaluate --decompose: begin -->", "<!-- evaluate --decompose: end -->"
+
+
+def load_models(model: str = "toy", device: str = "cpu"):
+    """(pipeline, clip or None) for 'toy' or a folder trained by ``conceptor_nb.toyworld.train``
+    (``pipeline/`` and ``clip/``; a pipeline folder without its own tokenizer gets the CLIP tokenizer)."""
+    from pathlib import Path
+
+    from ..models import load_clip, load_pipeline, prepare_pipeline
+
+    if model == "toy":
+        return load_pipeline("toy", device=device, dtype=torch.float32), load_clip("toy", device=device)
+    root = Path(model)
+    pdir = root / "pipeline" if (root / "pipeline").is_dir() else root
+    if (pdir / "tokenizer").is_dir():
+        pipe = load_pipeline(str(pdir), device=device, dtype=torch.float32)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        from ..tiny import clip_tokenizer
+
+        pipe = StableDiffusionPipeline.from_pretrained(pdir, torch_dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False, tokenizer=clip_tokenizer())
+        pipe = prepare_pipeline(pipe, str(pdir), torch.device(device), torch.float32)
+    clip = None
+    if (root / "clip" / "config.json").exists():
+        clip = load_clip(str(root / "clip"), device=device)
+        if not (root / "clip" / "vocab.json").exists():  # saved without its tokenizer (the CLIP tokenizer)
+            from ..tiny import clip_tokenizer
+
+            clip.tokenizer = clip_tokenizer()
+    return pipe, clip
+
+
+def write_readme_section(path, markdown: str) -> None:
+    """Replace the text between the README's evaluate markers with ``markdown`` (append the section if absent)."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    block = f"{README_BEGIN}\n{markdown}\n{README_END}"
+    if README_BEGIN in text and README_END in text:
+        text = text[: text.index(README_BEGIN)] + block + text[text.index(README_END) + len(README_END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 def main(argv=None):
     import argparse
     import json
-    import time
     from pathlib import Path
 
-    from ..models import load_clip, load_pipeline
-
-    p = argparse.ArgumentParser(prog="python -m conceptor_nb.toyworld.evaluate", description="Oracle report of a toy-world model.")
-    p.add_argument("--model", default="toy", help="'toy' or a folder with pipeline/ and clip/")
-    p.add_argument("--spec", default=None)
+    p = argparse.ArgumentParser(prog="python -m conceptor_nb.toyworld.evaluate",
+                                description="Oracle report of a toy-world model; with --decompose, Conceptor's "
+                                            "decompositions scored against the spec (issue 11's measurements).")
+    p.add_argument("--model", default="toy", help="'toy' or a folder with pipeline/ and clip/ (as the training script writes)")
+    p.add_argument("--spec", default=None, help="spec JSON (default: the shipped one)")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--scheduler", default="dpm")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--decompose", action="store_true", help="decompose every hidden concept once per seed and score it")
+    p.add_argument("--seeds", default="0,1,2", help="runs (each seed picks its own, disjoint concept images)")
+    p.add_argument("--profile", default="toy", help="settings profile of the decompositions (toy, ci)")
+    p.add_argument("--concepts", default=None, help="comma-separated subset of the spec's concepts")
+    p.add_argument("--fit-steps", type=int, default=None, help="override the profile's fit steps")
+    p.add_argument("--render-n", type=int, default=48, help="pseudo-token renders per run for the reconstruction table (0: none)")
+    p.add_argument("--guidances", default="1,2,4,7.5", help="guidance table scales ('' for none)")
+    p.add_argument("--guidance-n", type=int, default=128)
+    p.add_argument("--cache", default=None, help="cache folder for concept images and dictionaries")
+    p.add_argument("--readme", default=None, help="write the Markdown into this README between the evaluate markers")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     spec = load_spec(a.spec)
-    if a.model == "toy":
-        pipe, clip = load_pipeline("toy", device="cpu"), load_clip("toy", device="cpu")
-    else:
-        root = Path(a.model)
-        pipe = load_pipeline(str(root / "pipeline"), device="cpu")
-        clip = load_clip(str(root / "clip"), device="cpu") if (root / "clip" / "config.json").exists() else None
+    pipe, clip = load_models(a.model, a.device)
     t = time.time()
-    rep = full_report(pipe, clip, spec, a.n, a.seed, steps=a.steps, guidance=a.guidance, scheduler=a.scheduler)
+    if a.decompose:
+        from ..config import settings as profile_settings
+
+        s = profile_settings(a.profile)
+        if a.fit_steps:
+            s = s.replace(steps=a.fit_steps)
+        gs = tuple(float(x) for x in a.guidances.split(",") if x.strip())
+        rep = decomposition_report(pipe, clip, spec, [int(x) for x in a.seeds.split(",")], settings=s,
+                                   concepts=a.concepts.split(",") if a.concepts else None, render_n=a.render_n,
+                                   guidances=gs, guidance_n=a.guidance_n, cache_dir=a.cache,
+                                   partial_path=a.out + ".partial" if a.out else None)
+        md = report_markdown(rep, spec)
+        print(md)
+        if a.readme:
+            write_readme_section(a.readme, md)
+    else:
+        rep = full_report(pipe, clip, spec, a.n, a.seed, steps=a.steps, guidance=a.guidance, sampler=a.scheduler)
     rep["eval_seconds"] = time.time() - t
     if a.out:
         Path(a.out).write_text(json.dumps(rep, indent=2, default=str))

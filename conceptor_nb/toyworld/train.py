@@ -4,22 +4,33 @@ encoder (full 49,408-token vocabulary), and a small contrastive CLIP.
     python -m conceptor_nb.toyworld.train --spec conceptor_nb/data/toyworld/spec.json --out DIR --seed 0
 
 writes ``DIR/pipeline`` (a diffusers StableDiffusionPipeline folder), ``DIR/clip`` (a
-transformers CLIPModel folder with tokenizer and preprocessor_config.json) and
-``DIR/train_log.json``. ``--quick`` runs a few steps of everything (a smoke test).
+transformers CLIPModel folder with tokenizer and preprocessor_config.json), ``DIR/train_log.json``
+and ``DIR/train_config.json`` (the :class:`TrainConfig` that made them; ``--config`` reads one
+back). ``--quick`` runs a few steps of everything (a smoke test).
+
+Modes, one function each: :func:`train_all` (``--mode all``: VAE, CLIP, UNet + text encoder),
+:func:`train_clip_only` (``--mode clip``), :func:`train_diffusion_only` (``--mode diffusion``:
+UNet + text encoder on the VAE of ``init_from``, fresh or, with ``resume``, continuing its
+UNet + text encoder).
 
 Steps: render a fixed, balanced dataset once; train the VAE on it and encode every image
 (and its mirror) to latents once; train CLIP; train UNet + text encoder (EMA weights are
 saved). Captions come from the spec's caption forms; 10% are dropped to "" for
 classifier-free guidance, and a share gets 1-3 random vocabulary tokens inserted as
 distractors the images ignore, so that every row of the token table is trained.
+With ``vocab_norm`` set (the default), every row of the text encoder's token table is kept at
+that one norm throughout training (projected back after every step), so the whole table's mean
+norm, to which Conceptor rescales its pseudo-token, is a norm the model was trained on.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,33 +102,42 @@ def text_config(width: int, layers: int, projection: int | None = None):
     )
 
 
-def init_token_table(emb: torch.nn.Embedding, norm: float, gen: torch.Generator):
-    """Random rows with expected norm ``norm`` (the default init gives ~0.02*sqrt(d))."""
+def init_token_table(emb: torch.nn.Embedding, norm: float, gen: torch.Generator, exact: bool = False):
+    """Random rows with expected norm ``norm`` (the default init gives ~0.02*sqrt(d));
+    ``exact``: every row exactly at ``norm``."""
     with torch.no_grad():
         d = emb.weight.shape[1]
-        emb.weight.copy_(torch.randn(emb.weight.shape, generator=gen) * (norm / math.sqrt(d)))
+        w = torch.randn(emb.weight.shape, generator=gen)
+        w = F.normalize(w, dim=-1) * norm if exact else w * (norm / math.sqrt(d))
+        emb.weight.copy_(w.to(emb.weight.device, emb.weight.dtype))
 
 
-def make_vae(args):
+@torch.no_grad()
+def project_rows(weight: torch.Tensor, norm: float):
+    """Put every row of a token table back at ``norm`` (directions kept)."""
+    weight.copy_(F.normalize(weight.float(), dim=-1).mul_(norm).to(weight.dtype))
+
+
+def make_vae(cfg, image_size: int):
     from diffusers import AutoencoderKL
 
-    ch = tuple(args.vae_channels)
+    ch = tuple(cfg.vae_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
         up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, latent_channels=4,
-        layers_per_block=1, norm_num_groups=min(16, ch[0]), sample_size=args.image_size,
+        layers_per_block=1, norm_num_groups=min(16, ch[0]), sample_size=image_size,
         mid_block_add_attention=False,
     )
 
 
-def make_unet(args, latent: int):
+def make_unet(cfg, latent: int):
     from diffusers import UNet2DConditionModel
 
-    ch = tuple(args.unet_channels)
+    ch = tuple(cfg.unet_channels)
     return UNet2DConditionModel(
-        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=args.unet_layers,
+        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=cfg.unet_layers,
         block_out_channels=ch, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(ch) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(ch) - 1) + ("UpBlock2D",), cross_attention_dim=args.text_width,
+        up_block_types=("CrossAttnUpBlock2D",) * (len(ch) - 1) + ("UpBlock2D",), cross_attention_dim=cfg.text_width,
         attention_head_dim=8, norm_num_groups=min(16, ch[0]),
     )
 
@@ -136,12 +156,13 @@ def lr_at(step: int, total: int, base: float, warmup: int = 100, final: float = 
     return base * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
-def fit_budget(step: int, t0: float, total: int, minutes: float | None, probe: int = 15) -> int:
-    """After ``probe`` steps, shrink ``total`` so the stage ends within ``minutes`` (None: no limit)."""
-    if minutes and step == probe:
-        per = (time.time() - t0) / probe
-        total = max(probe + 1, min(total, int(minutes * 60 / per)))
-        log(f"  {per:.2f}s/step: {total} steps fit in {minutes} min")
+def fit_budget(step: int, t0: float, total: int, minutes: float | None, probe: int = 15, requested: int | None = None) -> int:
+    """At ``probe`` steps (and again at 10x and 50x ``probe``, when warm-up no longer weighs on the
+    estimate), set ``total`` (at most ``requested``) so the stage ends within ``minutes`` (None: no limit)."""
+    if minutes and step in (probe, 10 * probe, 50 * probe) and step < total:
+        per = (time.time() - t0) / step
+        total = max(step + 1, min(requested or total, int(minutes * 60 / per)))
+        log(f"  {per:.3f}s/step: {total} steps fit in {minutes} min")
     return total
 
 
@@ -172,112 +193,118 @@ def log(msg: str):
 
 
 # --------------------------------------------------------------------------- stages
-def train_vae(args, images: torch.Tensor, gen: torch.Generator, rng):
-    vae = make_vae(args)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+def train_vae(cfg, images: torch.Tensor, gen: torch.Generator, rng, image_size: int):
+    """Returns (vae, steps done)."""
+    dev = cfg.device
+    vae = make_vae(cfg, image_size).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     t0, n = time.time(), len(images)
-    total, step = args.vae_steps, 0
+    total, step = cfg.vae_steps, 0
     while step < total:
-        total = fit_budget(step, t0, total, args.vae_minutes)
+        total = fit_budget(step, t0, total, cfg.vae_minutes, requested=cfg.vae_steps)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, args.vae_lr, warmup=50)
-        x = images[torch.from_numpy(rng.integers(0, n, args.vae_batch))].float() / 127.5 - 1
+            g["lr"] = lr_at(step, total, cfg.vae_lr, warmup=50)
+        x = (images[torch.from_numpy(rng.integers(0, n, cfg.vae_batch))].float() / 127.5 - 1).to(dev)
         post = vae.encode(x).latent_dist
-        z = post.sample(generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
         rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, x) + args.vae_kl * post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + cfg.vae_kl * post.kl().mean() / x[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == total - 1:
             log(f"vae step {step}/{total} loss {loss.item():.5f} ({time.time() - t0:.0f}s)")
         step += 1
-    args.vae_steps_done = total
     vae.eval().requires_grad_(False)
-    return vae
+    return vae, total
 
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Latent means of uint8 images (on the VAE's device, returned on the CPU)."""
+    dev = next(vae.parameters()).device
     out = []
     for i in range(0, len(images), batch):
-        x = images[i : i + batch].float() / 127.5 - 1
-        out.append(vae.encode(x).latent_dist.mean)
+        x = (images[i : i + batch].float() / 127.5 - 1).to(dev)
+        out.append(vae.encode(x).latent_dist.mean.cpu())
     return torch.cat(out)
 
 
-def train_clip(args, spec, cap: Captioner, images: torch.Tensor, recs, rng, gen):
+def train_clip(cfg, spec, cap: Captioner, images: torch.Tensor, recs, rng, gen):
+    """Returns (model on the CPU, image mean, image std, steps done)."""
     from transformers import CLIPConfig, CLIPModel
 
-    vision = dict(hidden_size=args.clip_vision_width, intermediate_size=4 * args.clip_vision_width,
-                  num_hidden_layers=args.clip_vision_layers, num_attention_heads=4,
-                  image_size=spec.image_size, patch_size=args.clip_patch)
-    config = CLIPConfig(text_config=text_config(args.text_width, args.clip_text_layers).to_dict(),
-                        vision_config=vision, projection_dim=args.clip_proj)
-    torch.manual_seed(args.seed + 7)
+    dev = cfg.device
+
+    vision = dict(hidden_size=cfg.clip_vision_width, intermediate_size=4 * cfg.clip_vision_width,
+                  num_hidden_layers=cfg.clip_vision_layers, num_attention_heads=4,
+                  image_size=spec.image_size, patch_size=cfg.clip_patch)
+    config = CLIPConfig(text_config=text_config(cfg.text_width, cfg.clip_text_layers).to_dict(),
+                        vision_config=vision, projection_dim=cfg.clip_proj)
+    torch.manual_seed(cfg.seed + 7)
     model = CLIPModel(config)
-    init_token_table(model.text_model.embeddings.token_embedding, args.token_norm, gen)
+    init_token_table(model.text_model.embeddings.token_embedding, cfg.token_norm, gen)
+    model.to(dev)
     mean = (images[:4096].float() / 255).mean(dim=(0, 2, 3))
     std = (images[:4096].float() / 255).std(dim=(0, 2, 3))
     emb = model.text_model.embeddings.token_embedding.weight
-    opt = torch.optim.AdamW(param_groups(model, 0.05, [emb]), lr=args.clip_lr)
-    n, B, M = len(images), args.clip_batch, args.clip_negatives
+    opt = torch.optim.AdamW(param_groups(model, 0.05, [emb]), lr=cfg.clip_lr)
+    n, B, M = len(images), cfg.clip_batch, cfg.clip_negatives
     t0 = time.time()
     model.train()
-    total, step = args.clip_steps, 0
+    total, step = cfg.clip_steps, 0
     while step < total:
-        total = fit_budget(step, t0, total, args.clip_minutes)
+        total = fit_budget(step, t0, total, cfg.clip_minutes, requested=cfg.clip_steps)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, args.clip_lr)
+            g["lr"] = lr_at(step, total, cfg.clip_lr)
         idx = rng.integers(0, n, B)
         x = images[torch.from_numpy(idx)].float() / 255
         flip = torch.from_numpy(rng.random(B) < 0.5)
         x[flip] = x[flip].flip(-1)
-        x = (x - mean[:, None, None]) / std[:, None, None]
-        ids, _ = cap.batch([recs[i] for i in idx], rng, length=args.clip_len)
+        x = ((x - mean[:, None, None]) / std[:, None, None]).to(dev)
+        ids, _ = cap.batch([recs[i] for i in idx], rng, length=cfg.clip_len)
         if M:  # text-only negatives: "a photo of a <random token(s)>" matches no image
             pre = cap.ids_of(spec.template.format("").strip())
-            nid = torch.full((M, args.clip_len), EOS, dtype=torch.long)
+            nid = torch.full((M, cfg.clip_len), EOS, dtype=torch.long)
             for j in range(M):
                 toks = [int(cap.pool[rng.integers(len(cap.pool))]) for _ in range(int(rng.integers(1, 3)))]
-                row = ([BOS] + pre + toks)[: args.clip_len - 1] + [EOS]
+                row = ([BOS] + pre + toks)[: cfg.clip_len - 1] + [EOS]
                 nid[j, : len(row)] = torch.tensor(row)
             ids = torch.cat([ids, nid])
-        null = torch.full((1, args.clip_len), EOS, dtype=torch.long)
+        null = torch.full((1, cfg.clip_len), EOS, dtype=torch.long)
         null_row = [BOS] + cap.ids_of(spec.template.format("").strip()) + [EOS]
         null[0, : len(null_row)] = torch.tensor(null_row)
-        ids = torch.cat([ids, null])
+        ids = torch.cat([ids, null]).to(dev)
         img_f = F.normalize(_feat(model.get_image_features(pixel_values=x)), dim=-1)
         txt_all = F.normalize(_feat(model.get_text_features(input_ids=ids)), dim=-1)
         txt_f, null_f = txt_all[:-1], txt_all[-1:]
         # unknown words mean nothing: "a photo of a <random token>" should embed like "a photo of a",
         # which (as a negative column below) matches no image better than its own caption
-        null_loss = (1 - txt_f[B:] @ null_f.T).mean() if M else torch.zeros(())
+        null_loss = (1 - txt_f[B:] @ null_f.T).mean() if M else torch.zeros((), device=dev)
         txt_f = torch.cat([txt_f, null_f])
         M1 = M + 1
         scale = model.logit_scale.exp().clamp(max=100)
         logits = scale * img_f @ txt_f.T  # (B, B+M)
         # images sharing a caption's content are not negatives of each other: soft targets
         same = torch.from_numpy(np.array([[recs[i].glyph == recs[j].glyph and recs[i].colour == recs[j].colour
-                                            for j in idx] for i in idx], dtype=np.float32))
-        tgt_i = torch.cat([torch.eye(B), torch.zeros(B, M1)], 1)
+                                            for j in idx] for i in idx], dtype=np.float32)).to(dev)
+        tgt_i = torch.cat([torch.eye(B), torch.zeros(B, M1)], 1).to(dev)
         loss_i = F.cross_entropy(logits, tgt_i)
         loss_t = F.cross_entropy(logits[:, :B].T, same / same.sum(1, keepdim=True))
-        loss = (loss_i + loss_t) / 2 + args.clip_null_weight * null_loss
+        loss = (loss_i + loss_t) / 2 + cfg.clip_null_weight * null_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == total - 1:
             log(f"clip step {step}/{total} loss {loss.item():.4f} scale {scale.item():.1f} ({time.time() - t0:.0f}s)")
         step += 1
-    args.clip_steps_done = total
-    model.eval().requires_grad_(False)
-    return model, mean.tolist(), std.tolist()
+    model.eval().requires_grad_(False).cpu()
+    return model, mean.tolist(), std.tolist(), total
 
 
 def save_clip(model, tokenizer, mean, std, out: Path, size: int, fp16: bool):
     out.mkdir(parents=True, exist_ok=True)
-    m = copy.deepcopy(model)
+    m = copy.deepcopy(model).cpu()
     if fp16:
         m = m.half()
     m.save_pretrained(out, safe_serialization=True)
@@ -294,8 +321,8 @@ def save_pipeline(vae, text_encoder, unet, tokenizer, out: Path, fp16: bool):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(text_encoder), tokenizer=tokenizer,
-        unet=copy.deepcopy(unet), scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=copy.deepcopy(vae).cpu(), text_encoder=copy.deepcopy(text_encoder).cpu(), tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).cpu(), scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     if fp16:
@@ -304,61 +331,71 @@ def save_pipeline(vae, text_encoder, unet, tokenizer, out: Path, fp16: bool):
     pipe.save_pretrained(out, safe_serialization=True)
 
 
-def train_diffusion(args, spec, cap, latents, latents_flip, recs, rng, gen, vae, tokenizer, out: Path,
+def train_diffusion(cfg, spec, cap, latents, latents_flip, recs, rng, gen, vae, tokenizer, out: Path,
                     text=None, unet=None):
+    """UNet + text encoder under the diffusion loss; returns (EMA unet, EMA text encoder, loss history,
+    steps done). With ``cfg.vocab_norm`` every token row is projected back to that norm after every step."""
     from transformers import CLIPTextModel
 
-    torch.manual_seed(args.seed + 11)
+    dev = cfg.device
+    torch.manual_seed(cfg.seed + 11)
     if text is None:
-        text = CLIPTextModel(text_config(args.text_width, args.text_layers))
-        init_token_table(text.get_input_embeddings(), args.token_norm, gen)
+        text = CLIPTextModel(text_config(cfg.text_width, cfg.text_layers))
+        init_token_table(text.get_input_embeddings(), cfg.vocab_norm or cfg.token_norm, gen, exact=bool(cfg.vocab_norm))
     if unet is None:
-        unet = make_unet(args, latents.shape[-1])
-    text.train().requires_grad_(True)
-    unet.train().requires_grad_(True)
-    sched = make_scheduler()
+        unet = make_unet(cfg, latents.shape[-1])
+    text.to(dev).train().requires_grad_(True)
+    unet.to(dev).train().requires_grad_(True)
     emb = text.get_input_embeddings().weight
+    if cfg.vocab_norm:
+        project_rows(emb, cfg.vocab_norm)
+    sched = make_scheduler()
     groups = param_groups(unet, 0.01) + param_groups(text, 0.01, [emb])
-    opt = torch.optim.AdamW(groups, lr=args.lr)
-    ema_u, ema_t = EMA(unet, args.ema), EMA(text, args.ema)
-    n, B = len(latents), args.batch
-    alphas = sched.alphas_cumprod
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    ema_u, ema_t = EMA(unet, cfg.ema), EMA(text, cfg.ema)
+    latents, latents_flip = latents.to(dev), latents_flip.to(dev)
+    n, B = len(latents), cfg.batch
+    alphas = sched.alphas_cumprod.to(dev)
+    dgen = torch.Generator(dev).manual_seed(cfg.seed + 13)
     t0 = time.time()
     hist = []
-    total, step = args.steps, 0
+    total, step = cfg.steps, 0
     while step < total:
-        total = fit_budget(step, t0, total, args.unet_minutes, probe=20)
+        total = fit_budget(step, t0, total, cfg.unet_minutes, probe=20, requested=cfg.steps)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, args.lr, warmup=args.warmup)
+            g["lr"] = lr_at(step, total, cfg.lr, warmup=cfg.warmup)
         idx = rng.integers(0, n, B)
-        flip = torch.from_numpy(rng.random(B) < 0.5)[:, None, None, None]
-        ii = torch.from_numpy(idx)
+        flip = torch.from_numpy(rng.random(B) < 0.5)[:, None, None, None].to(dev)
+        ii = torch.from_numpy(idx).to(dev)
         x0 = torch.where(flip, latents_flip[ii], latents[ii])
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=gen)
+        noise = torch.randn(x0.shape, generator=dgen, device=dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=dgen, device=dev)
         a = alphas[t].sqrt()[:, None, None, None]
         s = (1 - alphas[t]).sqrt()[:, None, None, None]
         xt = a * x0 + s * noise
         ids, _ = cap.batch([recs[i] for i in idx], rng, dropout=spec.sampling["caption_dropout"])
-        enc = text(input_ids=ids).last_hidden_state
+        enc = text(input_ids=ids.to(dev)).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=enc).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
         opt.step()
+        if cfg.vocab_norm:
+            project_rows(emb, cfg.vocab_norm)
         ema_u.update(unet, step)
         ema_t.update(text, step)
-        hist.append(loss.item())
+        if cfg.vocab_norm:  # the EMA of unit rows is shorter than a row: put it back on the sphere too
+            project_rows(ema_t.shadow.get_input_embeddings().weight, cfg.vocab_norm)
         if step % 50 == 0 or step == total - 1:
+            hist.append(loss.item())
             el = time.time() - t0
-            log(f"unet step {step}/{total} loss {np.mean(hist[-50:]):.4f} ({el:.0f}s, {el / (step + 1):.2f}s/step)")
-        if args.save_every and step and step % args.save_every == 0:
-            save_pipeline(vae, ema_t.shadow, ema_u.shadow, tokenizer, out / "pipeline", args.fp16)
+            log(f"unet step {step}/{total} loss {np.mean(hist[-5:]):.4f} ({el:.0f}s, {el / (step + 1):.3f}s/step)")
+        if cfg.save_every and step and step % cfg.save_every == 0:
+            save_pipeline(vae, ema_t.shadow, ema_u.shadow, tokenizer, out / "pipeline", cfg.fp16)
             log(f"saved pipeline at step {step}")
         step += 1
-    args.steps_done = total
-    return ema_u.shadow, ema_t.shadow, hist
+    return ema_u.shadow, ema_t.shadow, hist, total
 
 
 def vocab_norms(text_model, spec, tokenizer) -> dict:
@@ -369,96 +406,72 @@ def vocab_norms(text_model, spec, tokenizer) -> dict:
             "ratio_all_over_world": (norms.mean() / norms[ids].mean()).item()}
 
 
-@torch.no_grad()
-def renormalise_vocab(text_model, spec, tokenizer) -> dict:
-    """Scale every row that is not a world word by one common factor so that the non-world rows'
-    mean norm equals the world words' mean norm (directions unchanged).
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``train_config.json`` next to the weights."""
 
-    Why: the world's words are trained in every batch and grow; the other ~49,400 rows are seen
-    only as random distractors a few times and stay near their initial norm. Conceptor rescales
-    its pseudo-token to the mean norm of the whole table (as the authors do for Stable Diffusion,
-    where every row is trained), so that mean must be comparable to a real word's norm.
-    The text encoder was trained to ignore distractor rows, which this does not change."""
-    emb = text_model.get_input_embeddings().weight
-    ids = sorted({tokenizer(x, add_special_tokens=False).input_ids[0] for x in spec.world_words})
-    mask = torch.ones(emb.shape[0], dtype=torch.bool)
-    mask[ids] = False
-    mask[[BOS, EOS]] = False  # special tokens are in every caption: trained, leave them
-    before = vocab_norms(text_model, spec, tokenizer)
-    norms = emb.float().norm(dim=-1)
-    factor = (norms[ids].mean() / norms[mask].mean()).item()
-    emb[mask] = (emb[mask].float() * factor).to(emb.dtype)
-    after = vocab_norms(text_model, spec, tokenizer)
-    return {"factor": factor, "before": before, "after": after}
-
-
-def renormalise_pipeline(folder: str | Path, spec, fp16: bool = True) -> dict:
-    """Apply :func:`renormalise_vocab` to a saved pipeline's text encoder, in place."""
-    from transformers import CLIPTextModel
-
-    from ..tiny import clip_tokenizer
-
-    folder = Path(folder)
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
-    info = renormalise_vocab(text, spec, clip_tokenizer())
-    if fp16:
-        text = text.half()
-    text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    return info
-
-
-# --------------------------------------------------------------------------- main
-def build_parser():
-    p = argparse.ArgumentParser(prog="python -m conceptor_nb.toyworld.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--spec", default=None, help="spec JSON (default: the shipped conceptor_nb/data/toyworld/spec.json)")
-    p.add_argument("--out", required=True, help="output folder: pipeline/, clip/, train_log.json")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP thrashing on a shared 2-core machine)")
-    p.add_argument("--n-images", type=int, default=40000)
-    p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="save fp16 weights")
-    p.add_argument("--skip-clip", action="store_true")
+    spec: str | None = None  # spec JSON (None: the shipped conceptor_nb/data/toyworld/spec.json)
+    seed: int = 0  # also picks the rendered dataset: another seed, fresh data
+    n_images: int = 40000
+    concept_share: float | None = None  # share of hidden-concept captions (None: the spec's sampling.kinds)
+    device: str = "cpu"
+    threads: int = 1  # torch CPU threads (1 avoids OpenMP thrashing on a shared 2-core machine)
+    fp16: bool = True  # save fp16 weights
+    # mode "diffusion": the pipeline folder whose VAE is used; resume: also continue its UNet + text encoder
+    init_from: str | None = None
+    resume: bool = False
     # vae
-    p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--vae-minutes", type=float, default=None, help="cap the VAE stage (steps shrink to fit)")
-    p.add_argument("--clip-minutes", type=float, default=None, help="cap the CLIP stage")
-    p.add_argument("--unet-minutes", type=float, default=None, help="cap the UNet stage")
-    p.add_argument("--vae-kl", type=float, default=1e-4)
-    # text / unet
-    p.add_argument("--text-width", type=int, default=64)
-    p.add_argument("--text-layers", type=int, default=3)
-    p.add_argument("--token-norm", type=float, default=0.35, help="initial expected norm of token-table rows")
-    p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--unet-layers", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.998)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--renorm-vocab", action=argparse.BooleanOptionalAction, default=True,
-                   help="after training, rescale the non-world token rows to the world words' mean norm")
-    p.add_argument("--renorm-only", default=None, metavar="PIPELINE_DIR",
-                   help="only apply the vocabulary renormalisation to a saved pipeline, in place")
-    p.add_argument("--resume", default=None, help="a saved pipeline folder: continue its UNet + text encoder")
-    p.add_argument("--save-every", type=int, default=500)
+    vae_channels: list = field(default_factory=lambda: [16, 32])
+    vae_steps: int = 800
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-4
+    vae_minutes: float | None = None  # cap a stage's time (its steps shrink to fit)
+    # text encoder + unet
+    text_width: int = 64
+    text_layers: int = 3
+    token_norm: float = 0.35  # initial expected row norm when vocab_norm is None (and for CLIP)
+    vocab_norm: float | None = 0.5  # every token row kept at this norm throughout training (None: free)
+    unet_channels: list = field(default_factory=lambda: [32, 64])
+    unet_layers: int = 1
+    steps: int = 2500
+    batch: int = 32
+    lr: float = 1e-3
+    ema: float = 0.998
+    warmup: int = 100
+    unet_minutes: float | None = None
+    save_every: int = 0  # save the EMA pipeline every this many steps (0: only at the end)
     # clip
-    p.add_argument("--clip-steps", type=int, default=1500)
-    p.add_argument("--clip-batch", type=int, default=128)
-    p.add_argument("--clip-negatives", type=int, default=64)
-    p.add_argument("--clip-lr", type=float, default=1e-3)
-    p.add_argument("--clip-null-weight", type=float, default=1.0,
-                   help="pull 'a photo of a <random token>' towards 'a photo of a' (unknown words mean nothing)")
-    p.add_argument("--clip-only", action="store_true", help="train and save only the CLIP (clip/, train_log_clip.json)")
-    p.add_argument("--clip-len", type=int, default=16)
-    p.add_argument("--clip-vision-width", type=int, default=96)
-    p.add_argument("--clip-vision-layers", type=int, default=4)
-    p.add_argument("--clip-patch", type=int, default=4)
-    p.add_argument("--clip-text-layers", type=int, default=3)
-    p.add_argument("--clip-proj", type=int, default=64)
-    return p
+    clip_steps: int = 1500
+    clip_batch: int = 128
+    clip_negatives: int = 64
+    clip_lr: float = 1e-3
+    clip_null_weight: float = 1.0  # pull "a photo of a <random token>" towards "a photo of a"
+    clip_len: int = 16
+    clip_vision_width: int = 96
+    clip_vision_layers: int = 4
+    clip_patch: int = 4
+    clip_text_layers: int = 3
+    clip_proj: int = 64
+    clip_minutes: float | None = None
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        d = json.loads(Path(path).read_text())
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**d)
 
 
 QUICK = dict(n_images=256, vae_steps=3, vae_batch=8, steps=3, batch=8, save_every=0, clip_steps=3, clip_batch=16,
@@ -466,102 +479,159 @@ QUICK = dict(n_images=256, vae_steps=3, vae_batch=8, steps=3, batch=8, save_ever
              clip_vision_layers=1, text_layers=1, clip_text_layers=1)
 
 
+# --------------------------------------------------------------------------- modes
+class _Run:
+    """What every mode shares: spec, tokenizer, captioner, the rendered dataset, the report."""
+
+    def __init__(self, cfg: TrainConfig, out):
+        from ..tiny import clip_tokenizer
+
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.out = cfg, Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.spec = load_spec(cfg.spec)
+        if cfg.concept_share is not None:
+            kinds = dict(self.spec.sampling["kinds"])
+            rest = sum(v for k, v in kinds.items() if k != "concept")
+            kinds = {k: (cfg.concept_share if k == "concept" else v * (1 - cfg.concept_share) / rest)
+                     for k, v in kinds.items()}
+            self.spec.sampling["kinds"] = kinds
+        self.tokenizer = clip_tokenizer()
+        self.cap = Captioner(self.spec, self.tokenizer)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.report = {"spec": self.spec.name, "config": cfg.to_dict(), "times_s": {}, "steps_done": {}}
+        self.t0 = time.time()
+        t = time.time()
+        imgs, self.recs = render_dataset(self.spec, cfg.n_images, cfg.seed, progress=True)
+        self.images = torch.from_numpy(imgs)
+        self.report["times_s"]["render"] = time.time() - t
+        log(f"rendered {len(self.recs)} images in {time.time() - t:.0f}s")
+        cfg.save(self.out / "train_config.json")
+
+    def clip(self):
+        t = time.time()
+        clip, mean, std, done = train_clip(self.cfg, self.spec, self.cap, self.images, self.recs, self.rng, self.gen)
+        save_clip(clip, self.tokenizer, mean, std, self.out / "clip", self.spec.image_size, self.cfg.fp16)
+        self.report["times_s"]["clip"] = time.time() - t
+        self.report["steps_done"]["clip"] = done
+        log(f"clip saved ({time.time() - t:.0f}s)")
+
+    def latents(self, vae, fresh: bool):
+        with torch.no_grad():
+            latents = encode_latents(vae, self.images)
+            latents_flip = encode_latents(vae, self.images.flip(-1))
+            sf = 1.0 / latents.std().item() if fresh else float(vae.config.scaling_factor)
+            vae.register_to_config(scaling_factor=sf)
+            x = self.images[:256].float() / 127.5 - 1
+            dev = next(vae.parameters()).device
+            rec = vae.decode(vae.encode(x.to(dev)).latent_dist.mean).sample.clamp(-1, 1).cpu()
+        self.report["vae"] = {"scaling_factor": sf, "recon_mse_[-1,1]": F.mse_loss(rec, x).item()}
+        log(f"vae: scaling_factor {sf:.4f}, recon mse {self.report['vae']['recon_mse_[-1,1]']:.5f}")
+        return latents * sf, latents_flip * sf
+
+    def diffusion(self, vae, latents, latents_flip, **init):
+        t = time.time()
+        unet, text, hist, done = train_diffusion(self.cfg, self.spec, self.cap, latents, latents_flip, self.recs,
+                                                 self.rng, self.gen, vae, self.tokenizer, self.out, **init)
+        self.report["times_s"]["diffusion"] = time.time() - t
+        self.report["steps_done"]["diffusion"] = done
+        self.report["loss_last"] = float(np.mean(hist[-5:]))
+        self.report["vocab_norms"] = vocab_norms(text, self.spec, self.tokenizer)
+        save_pipeline(vae, text, unet, self.tokenizer, self.out / "pipeline", self.cfg.fp16)
+
+    def finish(self, name: str = "train_log.json") -> dict:
+        self.report["times_s"]["total"] = time.time() - self.t0
+        (self.out / name).write_text(json.dumps(self.report, indent=2, default=str))
+        log(f"done in {self.report['times_s']['total']:.0f}s; {self.report.get('vocab_norms', '')}")
+        return self.report
+
+
+def train_all(cfg: TrainConfig, out) -> dict:
+    """VAE, CLIP, then UNet + text encoder, from scratch: ``out/pipeline``, ``out/clip``."""
+    run = _Run(cfg, out)
+    t = time.time()
+    vae, done = train_vae(cfg, run.images, run.gen, run.rng, run.spec.image_size)
+    run.report["steps_done"]["vae"] = done
+    latents = run.latents(vae, fresh=True)
+    run.report["times_s"]["vae"] = time.time() - t
+    run.clip()
+    run.diffusion(vae, *latents)
+    return run.finish()
+
+
+def train_clip_only(cfg: TrainConfig, out) -> dict:
+    """Only the CLIP: ``out/clip`` and ``out/train_log_clip.json``."""
+    run = _Run(cfg, out)
+    run.clip()
+    return run.finish("train_log_clip.json")
+
+
+def train_diffusion_only(cfg: TrainConfig, out) -> dict:
+    """UNet + text encoder on the VAE of ``cfg.init_from`` (fresh; with ``cfg.resume``, continuing
+    that pipeline's UNet + text encoder): ``out/pipeline``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if not cfg.init_from:
+        raise ValueError("mode 'diffusion' needs init_from (a pipeline folder whose VAE to use)")
+    src = Path(cfg.init_from)
+    run = _Run(cfg, out)
+    vae = AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32).to(cfg.device).eval().requires_grad_(False)
+    init = {}
+    if cfg.resume:
+        init = {"text": CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32),
+                "unet": UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32)}
+        log(f"resuming from {src}")
+    run.diffusion(vae, *run.latents(vae, fresh=False), **init)
+    return run.finish()
+
+
+MODES = {"all": train_all, "clip": train_clip_only, "diffusion": train_diffusion_only}
+
+
+# --------------------------------------------------------------------------- command line
+def build_parser():
+    """``--mode``, ``--out``, ``--config``, ``--quick`` and one flag per :class:`TrainConfig` field."""
+    p = argparse.ArgumentParser(prog="python -m conceptor_nb.toyworld.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder: pipeline/, clip/, train_log.json, train_config.json")
+    p.add_argument("--mode", choices=sorted(MODES), default="all")
+    p.add_argument("--config", default=None, help="a train_config.json to start from (flags override it)")
+    p.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        elif isinstance(default, list):
+            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=argparse.SUPPRESS)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            if "None" in str(f.type):
+                p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper() + "|none",
+                              type=lambda x, k=kind: None if x.lower() == "none" else k(x))
+            else:
+                p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(a) -> TrainConfig:
+    cfg = TrainConfig.load(a.config) if a.config else TrainConfig()
+    if a.quick:
+        cfg = cfg.replace(**QUICK)
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
+    return cfg.replace(**given)
+
+
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
+    a = build_parser().parse_args(argv)
+    cfg = config_from_args(a)
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(cfg.threads)
     try:
-        return _run(args)
+        return MODES[a.mode](cfg, a.out)
     finally:
         torch.set_num_threads(threads)
-
-
-def _run(args) -> dict:
-    torch.manual_seed(args.seed)
-    from ..tiny import clip_tokenizer
-
-    spec = load_spec(args.spec)
-    if args.renorm_only:
-        info = renormalise_pipeline(args.renorm_only, spec, args.fp16)
-        log(f"vocab renormalised in {args.renorm_only}: {info}")
-        return {"vocab_renorm": info}
-    args.image_size = spec.image_size
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = clip_tokenizer()
-    cap = Captioner(spec, tokenizer)
-    gen = torch.Generator().manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    report = {"spec": spec.name, "args": {k: v for k, v in vars(args).items()}, "times_s": {}}
-    T0 = time.time()
-
-    t = time.time()
-    imgs, recs = render_dataset(spec, args.n_images, args.seed, progress=True)
-    images = torch.from_numpy(imgs)
-    report["times_s"]["render"] = time.time() - t
-    log(f"rendered {len(recs)} images in {time.time() - t:.0f}s")
-
-    if args.clip_only:
-        t = time.time()
-        clip, mean, std = train_clip(args, spec, cap, images, recs, rng, gen)
-        save_clip(clip, tokenizer, mean, std, out / "clip", spec.image_size, args.fp16)
-        report["times_s"]["clip"] = time.time() - t
-        report["args"] = {k: v for k, v in vars(args).items()}
-        (out / "train_log_clip.json").write_text(json.dumps(report, indent=2, default=str))
-        log(f"clip saved ({time.time() - t:.0f}s)")
-        return report
-
-    t = time.time()
-    resumed = {}
-    if args.resume:  # continue UNet + text encoder training from a saved pipeline (its VAE is kept)
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        src = Path(args.resume)
-        vae = AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
-        resumed = {"text": CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32),
-                   "unet": UNet2DConditionModel.from_pretrained(src / "unet", torch_dtype=torch.float32)}
-        args.skip_clip = True
-        log(f"resuming from {src}")
-    else:
-        vae = train_vae(args, images, gen, rng)
-    latents = encode_latents(vae, images)
-    latents_flip = encode_latents(vae, images.flip(-1))
-    sf = float(vae.config.scaling_factor) if args.resume else 1.0 / latents.std().item()
-    vae.register_to_config(scaling_factor=sf)
-    latents, latents_flip = latents * sf, latents_flip * sf
-    with torch.no_grad():
-        x = images[:256].float() / 127.5 - 1
-        rec_mse = F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1), x).item()
-    report["vae"] = {"scaling_factor": sf, "recon_mse_[-1,1]": rec_mse}
-    report["times_s"]["vae"] = time.time() - t
-    log(f"vae done: scaling_factor {sf:.4f}, recon mse {rec_mse:.5f}")
-
-    if not args.skip_clip:
-        t = time.time()
-        clip, mean, std = train_clip(args, spec, cap, images, recs, rng, gen)
-        save_clip(clip, tokenizer, mean, std, out / "clip", spec.image_size, args.fp16)
-        report["times_s"]["clip"] = time.time() - t
-        log(f"clip saved ({time.time() - t:.0f}s)")
-
-    t = time.time()
-    unet, text, hist = train_diffusion(args, spec, cap, latents, latents_flip, recs, rng, gen, vae, tokenizer, out,
-                                       **resumed)
-    report["times_s"]["diffusion"] = time.time() - t
-    report["loss_last100"] = float(np.mean(hist[-100:]))
-    report["vocab_norms"] = vocab_norms(text, spec, tokenizer)
-    if args.renorm_vocab:
-        report["vocab_renorm"] = renormalise_vocab(text, spec, tokenizer)
-        log(f"vocab renormalised: {report['vocab_renorm']}")
-    save_pipeline(vae, text, unet, tokenizer, out / "pipeline", args.fp16)
-    report["args"] = {k: v for k, v in vars(args).items()}
-    report["times_s"]["total"] = time.time() - T0
-    (out / "train_log.json").write_text(json.dumps(report, indent=2, default=str))
-    log(f"done in {report['times_s']['total']:.0f}s; vocab norms {report['vocab_norms']}")
-    return report
 
 
 if __name__ == "__main__":
