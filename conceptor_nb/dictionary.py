@@ -123,11 +123,9 @@ def vocab_text_features(clip, templates=("a photo of a {}",), *, cache_dir=None,
     template's words before the token are encoded once), cached as safetensors.
     """
     tok = clip.tokenizer
-    key = dict(clip=clip.name, weights=clip_fingerprint(clip), templates=list(templates), vocab=len(tok))
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    file = None
+    file, key = None, None
     if cache_dir is not False:
-        file = _writable(Path(cache_dir or default_cache_dir()) / "vocab") / f"{digest}.safetensors"
+        file, key = vocab_cache_entry(clip, templates, cache_dir)
         if file.exists():
             try:
                 return load_verified(file)[0]["features"]
@@ -143,6 +141,14 @@ def vocab_text_features(clip, templates=("a photo of a {}",), *, cache_dir=None,
     if file is not None:
         save_verified(file, {"features": feats}, key)  # unique temp name + atomic rename, checksummed
     return feats
+
+
+def vocab_cache_entry(clip, templates, cache_dir=None) -> tuple[Path, dict]:
+    """The cache file of ``vocab_text_features(clip, templates)`` and its key (the CLIP's name and weights
+    fingerprint, the templates, the vocabulary size)."""
+    key = dict(clip=clip.name, weights=clip_fingerprint(clip), templates=list(templates), vocab=len(clip.tokenizer))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return _writable(Path(cache_dir or default_cache_dir()) / "vocab") / f"{digest}.safetensors", key
 
 
 @dataclass

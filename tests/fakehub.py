@@ -153,18 +153,22 @@ def _pipeline(repo: str, snap: Path, shrink: bool, variants) -> None:
         _safety_checker(src / "safety_checker", snap / "safety_checker", shrink, variants)
 
 
+def _clip_config_keys(cfg: dict, shrink: bool) -> dict:
+    """A CLIP config's keys for ``CLIPConfig(**keys)``; ``shrink``: smaller towers (in ``cfg`` too, which is saved)."""
+    if shrink:
+        cfg["vision_config"].update(CLIP_VISION)
+        cfg["text_config"].update(CLIP_TEXT)
+        cfg["projection_dim"] = 16
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and not k.endswith("_dict")
+            and k not in ("architectures", "transformers_version")}
+
+
 def _safety_checker(src: Path, dst: Path, shrink: bool, variants) -> None:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
 
     cfg = _json(src / "config.json")
-    if shrink:
-        cfg["vision_config"].update(CLIP_VISION)
-        cfg["text_config"].update(CLIP_TEXT)
-        cfg["projection_dim"] = 16
-    keys = {k: v for k, v in cfg.items() if not k.startswith("_") and not k.endswith("_dict")
-            and k not in ("architectures", "transformers_version")}
-    model = StableDiffusionSafetyChecker(CLIPConfig(**keys))
+    model = StableDiffusionSafetyChecker(CLIPConfig(**_clip_config_keys(cfg, shrink)))
     _save(model, dst, cfg, variants)
 
 
@@ -177,13 +181,7 @@ def _clip(repo: str, snap: Path, shrink: bool) -> None:
     for f in ("vocab.json", "merges.txt"):
         shutil.copy(TOKENIZER_FILES / f, snap / f)
     cfg = _json(src / "config.json")
-    if shrink:
-        cfg["text_config"].update(CLIP_TEXT)
-        cfg["vision_config"].update(CLIP_VISION)
-        cfg["projection_dim"] = 16
-    keys = {k: v for k, v in cfg.items() if not k.startswith("_") and not k.endswith("_dict")
-            and k not in ("architectures", "transformers_version")}
-    model = CLIPModel(CLIPConfig(**keys))
+    model = CLIPModel(CLIPConfig(**_clip_config_keys(cfg, shrink)))
     _save(model, snap, cfg, ("fp32",))
 
 

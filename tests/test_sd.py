@@ -379,11 +379,8 @@ def test_cli_decompose_runs_offline_on_the_fake_cache(hub, tmp_path, repo):
 def _seed_vocab_cache(home, cache):
     """Write the cache entry for the sd profile's 27 templates from a one-template computation (the
     test checks the pipeline, not CLIP; the entry's key is what vocab_text_features computes)."""
-    import hashlib
-
-    from safetensors.torch import save_file
-
-    from conceptor_nb.dictionary import vocab_text_features
+    from conceptor_nb.dictionary import vocab_cache_entry, vocab_text_features
+    from conceptor_nb.results import save_verified
 
     env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     old = {k: os.environ.get(k) for k in env}
@@ -394,9 +391,8 @@ def _seed_vocab_cache(home, cache):
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     feats = vocab_text_features(clip, ("a photo of a {}",), cache_dir=cache, verbose=False)
-    key = dict(clip=clip.name, templates=list(settings("sd").clip_templates), vocab=len(clip.tokenizer))
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    save_file({"features": feats}, cache / "vocab" / f"{digest}.safetensors")
+    file, key = vocab_cache_entry(clip, settings("sd").clip_templates, cache)
+    save_verified(file, {"features": feats}, key)
 
 
 @pytest.mark.parametrize("repo", [
