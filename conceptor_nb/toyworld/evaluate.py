@@ -539,6 +539,34 @@ def load_models(model: str = "toy", device: str = "cpu"):
     return pipe, clip
 
 
+def parse_overrides(items) -> dict:
+    """``["val_every=0", "null_threshold=none"]`` -> ``{"val_every": 0, "null_threshold": None}``, typed by
+    the Settings fields (the same fields the CLI's flags come from)."""
+    import typing
+
+    from ..config import Settings
+
+    hints = typing.get_type_hints(Settings)
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in hints:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of {sorted(hints)}")
+        tp = hints[name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if args else tp
+        if value.strip().lower() in ("none", "off") and type(None) in typing.get_args(tp):
+            out[name] = None
+        elif base is bool:
+            out[name] = value.strip().lower() in ("1", "true", "yes", "on")
+        elif name == "clip_templates":
+            out[name] = tuple(x for x in value.split("|") if x)
+        else:
+            out[name] = base(value)
+    return out
+
+
 def write_readme_section(path, markdown: str) -> None:
     """Replace the text between the README's evaluate markers with ``markdown`` (append the section if absent)."""
     from pathlib import Path
@@ -576,6 +604,8 @@ def main(argv=None):
     p.add_argument("--profile", default="toy", help="settings profile of the decompositions (toy, ci)")
     p.add_argument("--concepts", default=None, help="comma-separated subset of the spec's concepts")
     p.add_argument("--fit-steps", type=int, default=None, help="override the profile's fit steps")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one setting of the profile (repeatable), e.g. --set val_every=0 --set n_val=16")
     p.add_argument("--render-n", type=int, default=48, help="pseudo-token renders per run for the reconstruction table (0: none)")
     p.add_argument("--guidances", default="1,2,4,7.5", help="guidance table scales ('' for none)")
     p.add_argument("--guidance-n", type=int, default=128)
@@ -592,6 +622,8 @@ def main(argv=None):
         s = profile_settings(a.profile)
         if a.fit_steps:
             s = s.replace(steps=a.fit_steps)
+        if a.set:
+            s = s.replace(**parse_overrides(a.set))
         gs = tuple(float(x) for x in a.guidances.split(",") if x.strip())
         rep = decomposition_report(pipe, clip, spec, [int(x) for x in a.seeds.split(",")], settings=s,
                                    concepts=a.concepts.split(",") if a.concepts else None, render_n=a.render_n,
