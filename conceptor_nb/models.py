@@ -284,7 +284,8 @@ def load_single_file(path: str, dtype: torch.dtype, config: str | None = None):
     ``from_single_file``; the component configs come from ``config`` (a pipeline folder or a hub id in the
     local cache), by default from the cached repo diffusers associates with the checkpoint's keys."""
     import diffusers
-    from diffusers.loaders.single_file_utils import fetch_diffusers_config, infer_diffusers_model_type
+    from diffusers.loaders.single_file_utils import (DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type,
+                                                     is_open_clip_model)
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -311,13 +312,17 @@ def load_single_file(path: str, dtype: torch.dtype, config: str | None = None):
             f"checkpoint {file} is not a Stable Diffusion checkpoint in the original single-file layout "
             f"(no model.diffusion_model.* weights); for a diffusers folder pass the folder")
     kind = infer_diffusers_model_type(state)
+    if kind == "v1" and is_open_clip_model(state):
+        # diffusers tells 2.x by a 1024-wide cross-attention in input_blocks.2.1, which a 2.x model with
+        # other widths or one layer per block lacks; its OpenCLIP text encoder (cond_stage_model.model.*) says 2.x
+        kind = "v2"
     if kind not in ("v1", "v2", "xl_base"):
         raise ModelNotFoundError(
             f"checkpoint {file} is a {kind!r} checkpoint (diffusers' name for it); supported single files: "
             f"Stable Diffusion 1.x ('v1'), 2.x ('v2') and SDXL base ('xl_base')")
     xl = kind == "xl_base"
     if config is None:
-        default = fetch_diffusers_config(state)["pretrained_model_name_or_path"]
+        default = DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"]
         candidates = (default,) + CONFIG_ALIASES.get(default, ())
         folder = next((f for f in map(_resolve_folder, candidates) if f is not None), None)
         if folder is None:
@@ -338,8 +343,11 @@ def load_single_file(path: str, dtype: torch.dtype, config: str | None = None):
         with quiet_loading():
             return cls.from_single_file(str(file), config=str(folder), local_files_only=True, **dtype_kw(dtype), **kw)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelNotFoundError(f"could not load checkpoint {file} with the configs of {folder}: "
-                                 f"{_root_cause(err)}") from err
+        cause = _root_cause(err)
+        if "meta tensor" in cause:  # a weight the configs call for was not in the file: it stayed unallocated
+            cause = (f"the file lacks weights that these configs need (an incomplete checkpoint, or configs of "
+                     f"another model: pass config=<the right pipeline folder or hub id>) ({cause})")
+        raise ModelNotFoundError(f"could not load checkpoint {file} with the configs of {folder}: {cause}") from err
 
 
 def _fp16_everywhere(folder: Path, index: dict) -> bool:

@@ -239,6 +239,55 @@ def test_a_single_file_gets_the_configs_of_its_kind_from_the_local_cache(offline
     assert pipe.conceptor_model == str(file)
 
 
+@pytest.mark.parametrize("repo,config", [(fakehub.SD15, None), (fakehub.SD21_BASE, fakehub.SD21_BASE)])
+def test_a_real_single_file_loads_every_weight_and_generates_as_its_pipeline(offline_home, tmp_path, repo, config):
+    """No stub: a (shrunk) pipeline written as one original-layout checkpoint (tests/ldm_checkpoint.py:
+    model.diffusion_model / first_stage_model / cond_stage_model.transformer, or .model for 2.x's OpenCLIP)
+    comes back through diffusers' from_single_file with every UNet, VAE and text-encoder weight equal, and
+    generates the same image. SD 1.x finds its configs itself (runwayml/... in the cache); 2.x base is
+    given them: the weights cannot tell 2.1-base (epsilon, 512 px) from 2.1 (v-prediction, 768 px)."""
+    import ldm_checkpoint
+
+    offline_home(repo)
+    src = load_pipeline(repo, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every element distinct from its init: a weight left unloaded or misplaced shows
+        for module in (src.unet, src.vae, src.text_encoder):
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    file = tmp_path / "model.safetensors"
+    ldm_checkpoint.save_ldm_checkpoint(src, file)
+
+    pipe = load_pipeline(str(file), device="cpu", dtype=torch.float32, config=config)
+    assert type(pipe) is type(src) and pipe.conceptor_model == str(file)
+    for part in ("unet", "vae", "text_encoder"):
+        want, got = getattr(src, part).state_dict(), getattr(pipe, part).state_dict()
+        assert got.keys() == want.keys(), part
+        unequal = [k for k in want if not torch.equal(want[k], got[k])]
+        assert not unequal, f"{part}: {len(unequal)} weights differ, e.g. {unequal[:3]}"
+    assert pipe.scheduler.config == src.scheduler.config
+    assert pipe.tokenizer("a cat").input_ids == src.tokenizer("a cat").input_ids
+
+    def image(p):
+        return p("a photo of a cat", height=64, width=64, num_inference_steps=2, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    assert torch.equal(image(pipe), image(src))
+    if config is not None:  # without config= a 2.x file still gets 2.x configs (OpenCLIP keys), not SD 1.x's
+        default = load_pipeline(str(file), device="cpu", dtype=torch.float32)
+        assert default.unet.config.use_linear_projection
+        got = default.text_encoder.state_dict()
+        assert all(torch.equal(v, got[k]) for k, v in src.text_encoder.state_dict().items())
+    else:  # a weight missing from the file is an error that says so, never a random weight
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(file))
+        del state["model.diffusion_model.input_blocks.1.1.proj_in.weight"]
+        save_file(state, tmp_path / "incomplete.safetensors")
+        with pytest.raises(ModelNotFoundError, match="lacks weights"):
+            load_pipeline(str(tmp_path / "incomplete.safetensors"), device="cpu", dtype=torch.float32)
+
+
 # -- the fit on each kind of model ------------------------------------------------------------------------
 class TargetUNet(torch.nn.Module):
     """Returns the training target of the batch the fit drew (recorded by a wrapped sample_batch)."""
