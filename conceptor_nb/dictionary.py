@@ -55,8 +55,34 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(b, s, n_heads, w // n_heads).transpose(1, 2)
 
 
+def _layer_weights(layer, dtype: torch.dtype) -> dict:
+    """One encoder layer's matrices for the token positions, in ``dtype``: q, k, v as one matrix (one product
+    instead of three). In float32 the weights are the layer's own and the activation its own; in bf16,
+    CLIP's quick_gelu(x) = x sigmoid(1.702 x) is computed as silu(1.702 x) / 1.702, with 1.702 folded into
+    the first MLP matrix and 1 / 1.702 into the second (one fused elementwise pass instead of three)."""
+    att, mlp = layer.self_attn, layer.mlp
+    w = dict(qkv=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),
+             qkv_b=torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]),
+             out=att.out_proj.weight, out_b=att.out_proj.bias, fc1=mlp.fc1.weight, fc1_b=mlp.fc1.bias,
+             fc2=mlp.fc2.weight, fc2_b=mlp.fc2.bias)
+    act = mlp.activation_fn
+    if dtype != w["fc1"].dtype and type(act).__name__ == "QuickGELUActivation":
+        w["fc1"], w["fc1_b"], w["fc2"] = w["fc1"] * 1.702, w["fc1_b"] * 1.702, w["fc2"] / 1.702
+        act = F.silu
+    w = {k: v.to(dtype) for k, v in w.items()}
+    w["act"] = act
+    return w
+
+
 @torch.no_grad()
-def prefix_cached_text_features(model, prefix: list[int], suffixes: torch.Tensor) -> torch.Tensor:
+def layer_weights(model, dtype: torch.dtype) -> list[dict]:
+    """:func:`_layer_weights` of every layer of ``model``'s text encoder (the copies cost about a second)."""
+    return [_layer_weights(layer, dtype) for layer in model.text_model.encoder.layers]
+
+
+@torch.no_grad()
+def prefix_cached_text_features(model, prefix: list[int], suffixes: torch.Tensor, *, eos_only_last: bool = True,
+                                compute_dtype: torch.dtype | None = None, weights: list[dict] | None = None) -> torch.Tensor:
     """CLIP text features (projected, not normalised) of the prompts ``prefix + suffixes[i]``.
 
     CLIP's text transformer is causal, so the prefix's hidden states (BOS and the template's words before
@@ -64,10 +90,19 @@ def prefix_cached_text_features(model, prefix: list[int], suffixes: torch.Tensor
     positions (the token and the EOS) against the cached prefix keys and values. The same numbers as the
     full forward pass, for a fraction of the work ("a photo of a {}": 2 positions of 7). The pooled
     output is the last position's (the EOS), as in CLIP.
+
+    ``eos_only_last``: in the last layer only the EOS position's output is read, so the other positions
+    (prefix and token) compute only their keys and values there: no query, attention output or MLP
+    (exact: the same numbers; ``False`` runs the whole last layer, as before).
+
+    ``compute_dtype`` (e.g. ``torch.bfloat16``): the token positions' matrix products and attention run in
+    it; the residual stream, layer norms, the prefix and the projection stay in the weights' dtype.
+    ``weights``: :func:`layer_weights` of the model in ``compute_dtype``, made once for many calls.
     """
     tm = model.text_model
     device = tm.embeddings.token_embedding.weight.device
     dtype = tm.embeddings.token_embedding.weight.dtype
+    cdt = compute_dtype or dtype
     pre_ids = torch.tensor(prefix, device=device)[None]
     suf_ids = suffixes.to(device)
     n, p, s = len(suf_ids), pre_ids.shape[1], suf_ids.shape[1]
@@ -77,19 +112,36 @@ def prefix_cached_text_features(model, prefix: list[int], suffixes: torch.Tensor
     # suffix position i sees the whole prefix and suffix positions <= i
     mask = torch.ones(s, p + s, dtype=torch.bool, device=device)
     mask[:, p:] = torch.tril(torch.ones(s, s, dtype=torch.bool, device=device))
-    for layer in tm.encoder.layers:
+    layers = list(tm.encoder.layers)
+    weights = weights if weights is not None else layer_weights(model, cdt)
+    for i, layer in enumerate(layers):
         att = layer.self_attn
-        heads = att.num_heads
-        x_pre, x = layer.layer_norm1(h_pre), layer.layer_norm1(h)
+        heads, d = att.num_heads, h.shape[-1]
+        w = weights[i]
+        last = eos_only_last and i == len(layers) - 1
+        x_pre, x = layer.layer_norm1(h_pre), layer.layer_norm1(h).to(cdt)
         k_pre, v_pre = _heads(att.k_proj(x_pre), heads), _heads(att.v_proj(x_pre), heads)
-        out_pre = F.scaled_dot_product_attention(_heads(att.q_proj(x_pre), heads), k_pre, v_pre, is_causal=True)
-        k = torch.cat([k_pre.expand(n, -1, -1, -1), _heads(att.k_proj(x), heads)], dim=2)
-        v = torch.cat([v_pre.expand(n, -1, -1, -1), _heads(att.v_proj(x), heads)], dim=2)
-        out = F.scaled_dot_product_attention(_heads(att.q_proj(x), heads), k, v, attn_mask=mask)
-        h_pre = h_pre + att.out_proj(out_pre.transpose(1, 2).reshape(1, p, -1))
-        h = h + att.out_proj(out.transpose(1, 2).reshape(n, s, -1))
-        h_pre = h_pre + layer.mlp(layer.layer_norm2(h_pre))
-        h = h + layer.mlp(layer.layer_norm2(h))
+        if last:  # keys and values of every position, the query of the EOS only (it sees every position)
+            kv = F.linear(x, w["qkv"][d:], w["qkv_b"][d:])
+            q = F.linear(x[:, -1], w["qkv"][:d], w["qkv_b"][:d])[:, None]  # (2-D: 3-D strided input takes bmm)
+        else:
+            qkv = F.linear(x, w["qkv"], w["qkv_b"])
+            q, kv = qkv[..., :d], qkv[..., d:]
+        k = torch.cat([k_pre.to(cdt).expand(n, -1, -1, -1), _heads(kv[..., :d], heads)], dim=2)
+        v = torch.cat([v_pre.to(cdt).expand(n, -1, -1, -1), _heads(kv[..., d:], heads)], dim=2)
+        if last:
+            out = F.scaled_dot_product_attention(_heads(q, heads), k, v)
+            h = h[:, -1:]
+        else:
+            out = F.scaled_dot_product_attention(_heads(q, heads), k, v, attn_mask=mask)
+            out_pre = F.scaled_dot_product_attention(_heads(att.q_proj(x_pre), heads), k_pre, v_pre, is_causal=True)
+            h_pre = h_pre + att.out_proj(out_pre.transpose(1, 2).reshape(1, p, -1))
+            h_pre = h_pre + layer.mlp(layer.layer_norm2(h_pre))
+        h = h + F.linear(out.transpose(1, 2).reshape(n, -1, d), w["out"], w["out_b"])
+        a = w["act"](F.linear(layer.layer_norm2(h).to(cdt), w["fc1"], w["fc1_b"]))
+        h = h + F.linear(a, w["fc2"], w["fc2_b"])
+        if last:
+            break
     pooled = tm.final_layer_norm(h[:, -1])
     return model.text_projection(pooled.to(dtype))
 
@@ -102,39 +154,80 @@ def _can_prefix_cache(model) -> bool:
     return bool(layers) and all(hasattr(layer.self_attn, n) for layer in layers for n in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads"))
 
 
-def template_features(clip, template: str, token_ids: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """L2-normalised CLIP text features of ``template`` with each token in it: (len(token_ids), D)."""
+VOCAB_PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def vocab_autocast_dtype(device, precision: str | None, weight_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
+    """The dtype the vocabulary embedding autocasts CLIP's text encoder to, or None (the weights' dtype).
+
+    ``precision``: ``"fp32"`` (the weights' own dtype), ``"bf16"`` (bf16 autocast: matrix products in
+    bf16, layer norms, softmax and the residual stream in float32), or ``"auto"`` (bf16 where the device
+    computes it natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX; float32 weights only).
+    """
+    from .conceptor import fit_autocast_dtype  # (conceptor imports this module)
+
+    precision = "fp32" if precision in (None, "", "off") else precision
+    if precision not in VOCAB_PRECISIONS:
+        raise ValueError(f"vocabulary precision must be one of {VOCAB_PRECISIONS}, got {precision!r}")
+    return fit_autocast_dtype(device, "off" if precision == "fp32" else precision, weight_dtype)
+
+
+def _compute_label(clip, precision) -> str:
+    """What the vocabulary embedding computes in: "float32", or e.g. "bfloat16-autocast" (the cache key's)."""
+    w = next(clip.model.parameters()).dtype
+    amp = vocab_autocast_dtype(clip.device, precision, w)
+    return str(w).replace("torch.", "") if amp is None else str(amp).replace("torch.", "") + "-autocast"
+
+
+def template_features(clip, template: str, token_ids: torch.Tensor, batch_size: int = 8192, *,
+                      precision: str | None = "fp32", eos_only_last: bool = True, weights=None) -> torch.Tensor:
+    """L2-normalised CLIP text features of ``template`` with each token in it: (len(token_ids), D).
+    ``precision``: see :func:`vocab_autocast_dtype`; ``weights``: :func:`layer_weights` in that precision
+    (made here when not given)."""
+    from .conceptor import autocast_to
+
     tok = clip.tokenizer
+    w = next(clip.model.parameters())
+    amp = vocab_autocast_dtype(w.device, precision, w.dtype)
     if not _can_prefix_cache(clip.model):
-        return clip.text_features_ids(_template_ids(tok, template, token_ids))
+        with autocast_to(w.device, amp):
+            return clip.text_features_ids(_template_ids(tok, template, token_ids)).float()
     pre, post = _template_parts(tok, template)
+    weights = weights if weights is not None else layer_weights(clip.model, amp or w.dtype)
     suffixes = torch.cat([token_ids[:, None], torch.tensor(post).expand(len(token_ids), -1)], dim=1)
     out = []
     for i in range(0, len(suffixes), batch_size):
-        out.append(F.normalize(prefix_cached_text_features(clip.model, pre, suffixes[i : i + batch_size]).float(), dim=-1).cpu())
+        f = prefix_cached_text_features(clip.model, pre, suffixes[i : i + batch_size], eos_only_last=eos_only_last,
+                                        compute_dtype=amp, weights=weights)
+        out.append(F.normalize(f.float(), dim=-1).cpu())
     return torch.cat(out)
 
 
-def vocab_text_features(clip, templates=("a photo of a {}",), *, cache_dir=None, verbose: bool = True) -> torch.Tensor:
+def vocab_text_features(clip, templates=("a photo of a {}",), *, precision: str | None = "fp32", cache_dir=None,
+                        verbose: bool = True) -> torch.Tensor:
     """CLIP text embedding of every vocabulary token, averaged over ``templates``.
 
     Returns (V, D), L2-normalised, rows of special tokens zero. Computed once per
-    CLIP model and template list (with :func:`prefix_cached_text_features`: each
+    CLIP model, template list and precision (``"fp32"``, ``"bf16"``, ``"auto"``: see
+    :func:`vocab_autocast_dtype`), with :func:`prefix_cached_text_features` (each
     template's words before the token are encoded once), cached as safetensors.
     """
     tok = clip.tokenizer
     file, key = None, None
     if cache_dir is not False:
-        file, key = vocab_cache_entry(clip, templates, cache_dir)
+        file, key = vocab_cache_entry(clip, templates, cache_dir, precision=precision)
         if file.exists():
             try:
                 return load_verified(file)[0]["features"]
             except (CacheError, KeyError) as err:
                 warnings.warn(f"ignoring a bad vocabulary-cache entry ({err}); computing it again", stacklevel=2)
     ids = word_token_ids(tok)
-    total = None
+    total, weights = None, None
+    if _can_prefix_cache(clip.model):
+        w = next(clip.model.parameters())
+        weights = layer_weights(clip.model, vocab_autocast_dtype(w.device, precision, w.dtype) or w.dtype)
     for template in tqdm(templates, desc="embedding the vocabulary", disable=not verbose, leave=False):
-        f = template_features(clip, template, ids)
+        f = template_features(clip, template, ids, precision=precision, weights=weights)
         total = f if total is None else total + f
     feats = torch.zeros(len(tok), total.shape[1])
     feats[ids] = F.normalize(total, dim=-1)
@@ -143,10 +236,12 @@ def vocab_text_features(clip, templates=("a photo of a {}",), *, cache_dir=None,
     return feats
 
 
-def vocab_cache_entry(clip, templates, cache_dir=None) -> tuple[Path, dict]:
-    """The cache file of ``vocab_text_features(clip, templates)`` and its key (the CLIP's name and weights
-    fingerprint, the templates, the vocabulary size)."""
-    key = dict(clip=clip.name, weights=clip_fingerprint(clip), templates=list(templates), vocab=len(clip.tokenizer))
+def vocab_cache_entry(clip, templates, cache_dir=None, *, precision: str | None = "fp32") -> tuple[Path, dict]:
+    """The cache file of ``vocab_text_features(clip, templates, precision=precision)`` and its key (the
+    CLIP's name and weights fingerprint, the templates, the vocabulary size, and the precision it computes
+    in: "float32" or "bfloat16-autocast", so that entries of different precisions never mix)."""
+    key = dict(clip=clip.name, weights=clip_fingerprint(clip), templates=list(templates), vocab=len(clip.tokenizer),
+               precision=_compute_label(clip, precision))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return _writable(Path(cache_dir or default_cache_dir()) / "vocab") / f"{digest}.safetensors", key
 
@@ -163,7 +258,7 @@ class Dictionary:
 
 
 def build_dictionary(clip, images: torch.Tensor, concept: str, size: int, *, vocab_features=None,
-                     templates=("a photo of a {}",), exclude_concept: bool = True,
+                     templates=("a photo of a {}",), precision: str | None = "fp32", exclude_concept: bool = True,
                      exclude_threshold: float | None = 0.9, null_threshold: float | None = None, cache_dir=None,
                      verbose: bool = True) -> Dictionary:
     """The ``size`` tokens whose CLIP text embedding is closest to the mean image embedding.
@@ -183,7 +278,7 @@ def build_dictionary(clip, images: torch.Tensor, concept: str, size: int, *, voc
     if not isinstance(size, int) or size <= 0 or size > vocab_size:
         raise ValueError(f"dictionary size must be between 1 and the vocabulary's {vocab_size} words, got {size!r}")
     if vocab_features is None:
-        vocab_features = vocab_text_features(clip, templates, cache_dir=cache_dir, verbose=verbose)
+        vocab_features = vocab_text_features(clip, templates, precision=precision, cache_dir=cache_dir, verbose=verbose)
     target = torch.nn.functional.normalize(clip.image_features(images).mean(0), dim=0).cpu()
     sims = vocab_features @ target
     valid = vocab_features.norm(dim=-1) > 0
