@@ -81,8 +81,30 @@ def layer_weights(model, dtype: torch.dtype) -> list[dict]:
 
 
 @torch.no_grad()
+def prefix_keys_values(model, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's attention keys and values (1, heads, P, head width) of the prefix ``prefix`` (BOS and
+    the template's words before the token): the same for every prompt of the template (causal attention)."""
+    tm = model.text_model
+    pre_ids = torch.tensor(prefix, device=tm.embeddings.token_embedding.weight.device)[None]
+    p = pre_ids.shape[1]
+    h_pre = tm.embeddings.token_embedding(pre_ids) + tm.embeddings.position_embedding.weight[:p]
+    out = []
+    for layer in tm.encoder.layers:
+        att = layer.self_attn
+        heads = att.num_heads
+        x_pre = layer.layer_norm1(h_pre)
+        k_pre, v_pre = _heads(att.k_proj(x_pre), heads), _heads(att.v_proj(x_pre), heads)
+        out.append((k_pre, v_pre))
+        out_pre = F.scaled_dot_product_attention(_heads(att.q_proj(x_pre), heads), k_pre, v_pre, is_causal=True)
+        h_pre = h_pre + att.out_proj(out_pre.transpose(1, 2).reshape(1, p, -1))
+        h_pre = h_pre + layer.mlp(layer.layer_norm2(h_pre))
+    return out
+
+
+@torch.no_grad()
 def prefix_cached_text_features(model, prefix: list[int], suffixes: torch.Tensor, *, eos_only_last: bool = True,
-                                compute_dtype: torch.dtype | None = None, weights: list[dict] | None = None) -> torch.Tensor:
+                                compute_dtype: torch.dtype | None = None, weights: list[dict] | None = None,
+                                prefix_kv: list | None = None) -> torch.Tensor:
     """CLIP text features (projected, not normalised) of the prompts ``prefix + suffixes[i]``.
 
     CLIP's text transformer is causal, so the prefix's hidden states (BOS and the template's words before
@@ -97,17 +119,17 @@ def prefix_cached_text_features(model, prefix: list[int], suffixes: torch.Tensor
 
     ``compute_dtype`` (e.g. ``torch.bfloat16``): the token positions' matrix products and attention run in
     it; the residual stream, layer norms, the prefix and the projection stay in the weights' dtype.
-    ``weights``: :func:`layer_weights` of the model in ``compute_dtype``, made once for many calls.
+    ``weights``: :func:`layer_weights` of the model in ``compute_dtype``, made once for many calls;
+    ``prefix_kv``: :func:`prefix_keys_values` of ``prefix``, made once per template.
     """
     tm = model.text_model
     device = tm.embeddings.token_embedding.weight.device
     dtype = tm.embeddings.token_embedding.weight.dtype
     cdt = compute_dtype or dtype
-    pre_ids = torch.tensor(prefix, device=device)[None]
     suf_ids = suffixes.to(device)
-    n, p, s = len(suf_ids), pre_ids.shape[1], suf_ids.shape[1]
+    n, p, s = len(suf_ids), len(prefix), suf_ids.shape[1]
     pos = tm.embeddings.position_embedding.weight
-    h_pre = tm.embeddings.token_embedding(pre_ids) + pos[:p]
+    prefix_kv = prefix_kv if prefix_kv is not None else prefix_keys_values(model, prefix)
     h = tm.embeddings.token_embedding(suf_ids) + pos[p : p + s]
     # suffix position i sees the whole prefix and suffix positions <= i
     mask = torch.ones(s, p + s, dtype=torch.bool, device=device)
@@ -119,8 +141,8 @@ def prefix_cached_text_features(model, prefix: list[int], suffixes: torch.Tensor
         heads, d = att.num_heads, h.shape[-1]
         w = weights[i]
         last = eos_only_last and i == len(layers) - 1
-        x_pre, x = layer.layer_norm1(h_pre), layer.layer_norm1(h).to(cdt)
-        k_pre, v_pre = _heads(att.k_proj(x_pre), heads), _heads(att.v_proj(x_pre), heads)
+        x = layer.layer_norm1(h).to(cdt)
+        k_pre, v_pre = prefix_kv[i]
         if last:  # keys and values of every position, the query of the EOS only (it sees every position)
             kv = F.linear(x, w["qkv"][d:], w["qkv_b"][d:])
             q = F.linear(x[:, -1], w["qkv"][:d], w["qkv_b"][:d])[:, None]  # (2-D: 3-D strided input takes bmm)
@@ -134,9 +156,6 @@ def prefix_cached_text_features(model, prefix: list[int], suffixes: torch.Tensor
             h = h[:, -1:]
         else:
             out = F.scaled_dot_product_attention(_heads(q, heads), k, v, attn_mask=mask)
-            out_pre = F.scaled_dot_product_attention(_heads(att.q_proj(x_pre), heads), k_pre, v_pre, is_causal=True)
-            h_pre = h_pre + att.out_proj(out_pre.transpose(1, 2).reshape(1, p, -1))
-            h_pre = h_pre + layer.mlp(layer.layer_norm2(h_pre))
         h = h + F.linear(out.transpose(1, 2).reshape(n, -1, d), w["out"], w["out_b"])
         a = w["act"](F.linear(layer.layer_norm2(h).to(cdt), w["fc1"], w["fc1_b"]))
         h = h + F.linear(a, w["fc2"], w["fc2_b"])
@@ -194,11 +213,12 @@ def template_features(clip, template: str, token_ids: torch.Tensor, batch_size: 
             return clip.text_features_ids(_template_ids(tok, template, token_ids)).float()
     pre, post = _template_parts(tok, template)
     weights = weights if weights is not None else layer_weights(clip.model, amp or w.dtype)
+    prefix_kv = [(k.to(amp or w.dtype), v.to(amp or w.dtype)) for k, v in prefix_keys_values(clip.model, pre)]
     suffixes = torch.cat([token_ids[:, None], torch.tensor(post).expand(len(token_ids), -1)], dim=1)
     out = []
     for i in range(0, len(suffixes), batch_size):
         f = prefix_cached_text_features(clip.model, pre, suffixes[i : i + batch_size], eos_only_last=eos_only_last,
-                                        compute_dtype=amp, weights=weights)
+                                        compute_dtype=amp, weights=weights, prefix_kv=prefix_kv)
         out.append(F.normalize(f.float(), dim=-1).cpu())
     return torch.cat(out)
 
