@@ -47,6 +47,7 @@ CLIP_TEMPLATES = (
 
 SAMPLERS = ("dpm", "lms", "ddim", "euler", "pndm")
 AUTOCAST = ("off", "bf16", "auto")
+VOCAB_PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def _f(default, help: str, **meta):
@@ -74,6 +75,9 @@ class Settings:
                                "('authors': the 27 of the paper)")
     exclude_threshold: float | None = _f(0.9, "drop tokens whose CLIP text cosine with the concept word is "
                                          "above this ('none': keep them)")
+    vocab_precision: str = _f("fp32", "precision of the one-time CLIP vocabulary embedding (bf16: its matrix "
+                              "products in bf16; auto: bf16 where the hardware computes it natively); cached apart",
+                              choices=VOCAB_PRECISIONS)
     null_threshold: float | None = _f(None, "drop tokens CLIP reads as no word (cosine with the empty template "
                                       "above this; toy world only, not the authors' method; 'none': off)")
     # fit

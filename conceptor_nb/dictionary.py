@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import VOCAB_PRECISIONS
 from .config import cache_dir as default_cache_dir
 from .errors import CacheError
 from .checks import concept_word  # noqa: F401  (the one concept parser lives in checks)
@@ -173,7 +174,6 @@ def _can_prefix_cache(model) -> bool:
     return bool(layers) and all(hasattr(layer.self_attn, n) for layer in layers for n in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads"))
 
 
-VOCAB_PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def vocab_autocast_dtype(device, precision: str | None, weight_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
@@ -292,6 +292,9 @@ def build_dictionary(clip, images: torch.Tensor, concept: str, size: int, *, voc
     between "a photo of a <token>" and "a photo of a" (templates averaged). The
     toy world's CLIP was trained to read unknown tokens that way, so there this
     removes the meaningless tokens that would otherwise crowd the dictionary.
+
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"auto"``): of the vocabulary embedding, when it is computed here
+    (see :func:`vocab_text_features`).
     """
     tok = clip.tokenizer
     vocab_size = len(word_token_ids(tok))
