@@ -45,7 +45,18 @@ MODES = {"fp32-before": dict(before=True),
          "bf16": dict(precision="bf16", eos_only_last=True)}
 # dense bf16 tensor-core peak of an H100/H200 SXM (the two have the same compute), FLOP/s
 H100_BF16_PEAK = 989e12
+H100_FP32_PEAK = 67e12  # its float32 peak without tensor cores (what fp32 runs in by default)
 GPU_FRACTION = 0.3
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def build_clip(seed: int = 0):
@@ -96,6 +107,19 @@ def before_module():
     sys.modules[spec.name] = mod  # (its dataclass looks itself up there)
     exec(compile(src, f"{BEFORE}:conceptor_nb/dictionary.py", "exec"), mod.__dict__)
     return mod
+
+
+def gemm_rate(dtype, rounds: int = 5) -> float:
+    """FLOP/s of one of the encoder's products alone (16384 x 512 by 512 x 2048: 8192 prompts x 2 positions
+    through the first MLP matrix), the fastest of ``rounds``: the hardware's rate for this shape, right now."""
+    x, w = torch.randn(16384, 512, dtype=dtype), torch.randn(2048, 512, dtype=dtype)
+    F.linear(x, w)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 16384 * 512 * 2048 / best
 
 
 def timed(clip, templates, ids, modes, rounds: int) -> dict:
@@ -171,6 +195,8 @@ def main(argv=None):
     ap.add_argument("--agree-templates", type=int, default=1)
     ap.add_argument("--agree-top", type=int, default=5000)
     ap.add_argument("--targets", type=int, default=5)
+    ap.add_argument("--agreement-from", default=None, help="a --json file of an earlier run: its agreement "
+                    "(measured apart: it takes minutes)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
@@ -185,7 +211,7 @@ def main(argv=None):
     modes = [m for m in args.modes.split(",") if m]
     if "bf16" in modes and not cpu_has_native_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slow")
-    info = dict(cpu=platform.processor() or platform.machine(), torch=torch.__version__, threads=torch.get_num_threads(),
+    info = dict(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(),
                 native_bf16=cpu_has_native_bf16(), loadavg_start=os.getloadavg()[0], tokens=args.tokens, rounds=args.rounds,
                 templates=list(templates), date=time.strftime("%Y-%m-%d %H:%M"))
     rows = {}
@@ -202,14 +228,23 @@ def main(argv=None):
               + f" s; full {n_vocab} x {n_templates}: {rows[mode]['full_min']:.1f} min; {rows[mode]['gflops']:.0f} GFLOP/s;"
               f" {rows[mode]['full_tflop']:.1f} TFLOP in all", flush=True)
     info["loadavg_end"] = os.getloadavg()[0]
+    fl_all = full_flops(cfg, tok, CLIP_TEMPLATES, n_vocab, True)
+    floor = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rate = gemm_rate(dt)
+        floor[name] = dict(gemm_gflops=rate / 1e9, floor_min=fl_all / rate / 60)
+        print(f"{name} product alone: {rate / 1e9:.0f} GFLOP/s; the full embedding at that rate (its floor): "
+              f"{floor[name]['floor_min']:.1f} min", flush=True)
     agree = None
     if args.agree_tokens:
         aids = all_ids[torch.linspace(0, n_vocab - 1, min(args.agree_tokens, n_vocab)).long()]
         agree = agreement(clip, aids, CLIP_TEMPLATES[: args.agree_templates], args.targets, min(args.agree_top, len(aids)))
         print(json.dumps(agree, indent=1))
+    elif args.agreement_from:
+        agree = json.loads(Path(args.agreement_from).read_text())["agreement"]
     fl = full_flops(cfg, tok, CLIP_TEMPLATES, n_vocab, True)
     gpu_s = fl / (GPU_FRACTION * H100_BF16_PEAK)
-    out = dict(info=info, modes=rows, agreement=agree, gpu_estimate_s=gpu_s)
+    out = dict(info=info, modes=rows, floor=floor, agreement=agree, full_tflop=fl / 1e12, gpu_estimate_s=gpu_s)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.markdown:
@@ -231,19 +266,27 @@ def markdown(out, cfg) -> str:
     for mode, r in rows.items():
         lines.append(f"| {mode} | {', '.join(f'{t:.2f}' for t in r['per_template_s'])} | {r['full_min']:.1f} | "
                      f"{r['gflops']:.0f} | {r['full_tflop']:.1f} |")
+    lines += ["", "The encoder's largest product alone (16384 x 512 by 512 x 2048), measured right after, and the "
+              "full embedding's FLOPs at that rate: the floor of each precision on this machine, at this load.", "",
+              "| precision | GFLOP/s of the product alone | floor of the full embedding (min) |", "|---|---|---|"]
+    for name, f in out["floor"].items():
+        lines.append(f"| {name} | {f['gemm_gflops']:.0f} | {f['floor_min']:.1f} |")
     if agree:
         lines += ["", f"## fp32 against bf16 ({agree['tokens']} tokens, {agree['templates']} template(s))", "",
                   f"Per-token cosine of the features: min {agree['cos_min']:.5f}, 1st percentile {agree['cos_p01']:.5f}, "
-                  f"mean {agree['cos_mean']:.6f}. Time: fp32 {agree['t_fp32_s']:.0f} s, bf16 {agree['t_bf16_s']:.0f} s.", "",
+                  f"mean {agree['cos_mean']:.6f}. Time (measured apart, at that run's load): fp32 {agree['t_fp32_s']:.0f} s, bf16 {agree['t_bf16_s']:.0f} s.", "",
                   f"| targets | top-{agree['top']} overlap (each target) | top-50 overlap | std of the similarities | "
                   "mean abs. error of a similarity |", "|---|---|---|---|---|"]
         for name in ("random", "text-derived"):
             r = agree[name]
             lines.append(f"| {name} | {', '.join(f'{x:.3f}' for x in r['overlap_top'])} | "
                          f"{', '.join(f'{x:.2f}' for x in r['overlap_top50'])} | {r['sim_std']:.4f} | {r['sim_abs_err']:.5f} |")
-    lines += ["", f"GPU estimate (not measured): {rows.get('fp32', {}).get('full_tflop', 0):.0f} TFLOP at "
+    lines += ["", f"GPU estimate (not measured): {out['full_tflop']:.0f} TFLOP at "
               f"{GPU_FRACTION:.0%} of an H100/H200's dense bf16 peak ({H100_BF16_PEAK / 1e12:.0f} TFLOP/s) is "
-              f"{out['gpu_estimate_s']:.1f} s of compute; tokenization, Python and kernel launches come on top.", ""]
+              f"{out['gpu_estimate_s']:.1f} s of compute ({out['full_tflop'] * 1e12 / (GPU_FRACTION * H100_FP32_PEAK):.0f} s "
+              f"in fp32 at {GPU_FRACTION:.0%} of its {H100_FP32_PEAK / 1e12:.0f} TFLOP/s); the CPU-side work per batch "
+              "(tokenizing, Python, kernel launches, copying features back) comes on top: well under a minute in all, "
+              "not measured (no GPU was lent).", ""]
     return "\n".join(lines)
 
 

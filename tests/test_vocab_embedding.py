@@ -101,3 +101,10 @@ def test_precisions_have_their_own_cache_entries(clip, tmp_path, monkeypatch):
 def test_unknown_precision_is_refused(clip):
     with pytest.raises(ValueError, match="precision"):
         dictionary.template_features(clip, TEMPLATES[0], _ids(clip), precision="fp16")
+
+
+def test_the_sd_profile_embeds_the_vocabulary_in_bf16_where_native_and_the_others_in_fp32():
+    from conceptor_nb.config import PROFILES
+
+    assert PROFILES["sd"].settings.vocab_precision == "auto"
+    assert all(PROFILES[name].settings.vocab_precision == "fp32" for name in ("toy", "ci", "tiny"))
