@@ -174,14 +174,13 @@ def _can_prefix_cache(model) -> bool:
     return bool(layers) and all(hasattr(layer.self_attn, n) for layer in layers for n in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads"))
 
 
-
-
 def vocab_autocast_dtype(device, precision: str | None, weight_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
-    """The dtype the vocabulary embedding autocasts CLIP's text encoder to, or None (the weights' dtype).
+    """The dtype the vocabulary embedding computes CLIP's text encoder in, or None (the weights' dtype).
 
-    ``precision``: ``"fp32"`` (the weights' own dtype), ``"bf16"`` (bf16 autocast: matrix products in
-    bf16, layer norms, softmax and the residual stream in float32), or ``"auto"`` (bf16 where the device
-    computes it natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX; float32 weights only).
+    ``precision``: ``"fp32"`` (the weights' own dtype), ``"bf16"`` (the token positions' matrix products
+    and attention in bf16; layer norms, the residual stream, the template's prefix and the projection in
+    float32; a CLIP that cannot be prefix-cached runs under bf16 autocast), or ``"auto"`` (bf16 where the
+    device computes it natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX; float32 weights only).
     """
     from .conceptor import fit_autocast_dtype  # (conceptor imports this module)
 
@@ -192,10 +191,10 @@ def vocab_autocast_dtype(device, precision: str | None, weight_dtype: torch.dtyp
 
 
 def _compute_label(clip, precision) -> str:
-    """What the vocabulary embedding computes in: "float32", or e.g. "bfloat16-autocast" (the cache key's)."""
+    """What the vocabulary embedding computes in: "float32", or e.g. "bfloat16-mixed" (the cache key's)."""
     w = next(clip.model.parameters()).dtype
     amp = vocab_autocast_dtype(clip.device, precision, w)
-    return str(w).replace("torch.", "") if amp is None else str(amp).replace("torch.", "") + "-autocast"
+    return str(w).replace("torch.", "") if amp is None else str(amp).replace("torch.", "") + "-mixed"
 
 
 def template_features(clip, template: str, token_ids: torch.Tensor, batch_size: int = 8192, *,
@@ -259,7 +258,7 @@ def vocab_text_features(clip, templates=("a photo of a {}",), *, precision: str 
 def vocab_cache_entry(clip, templates, cache_dir=None, *, precision: str | None = "fp32") -> tuple[Path, dict]:
     """The cache file of ``vocab_text_features(clip, templates, precision=precision)`` and its key (the
     CLIP's name and weights fingerprint, the templates, the vocabulary size, and the precision it computes
-    in: "float32" or "bfloat16-autocast", so that entries of different precisions never mix)."""
+    in: "float32" or "bfloat16-mixed", so that entries of different precisions never mix)."""
     key = dict(clip=clip.name, weights=clip_fingerprint(clip), templates=list(templates), vocab=len(clip.tokenizer),
                precision=_compute_label(clip, precision))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

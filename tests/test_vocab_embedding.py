@@ -84,7 +84,7 @@ def test_bf16_quick_gelu_folding_is_the_same_function(clip):
 def test_precisions_have_their_own_cache_entries(clip, tmp_path, monkeypatch):
     f32, k32 = dictionary.vocab_cache_entry(clip, TEMPLATES[:1], tmp_path, precision="fp32")
     fbf, kbf = dictionary.vocab_cache_entry(clip, TEMPLATES[:1], tmp_path, precision="bf16")
-    assert f32 != fbf and k32["precision"] == "float32" and kbf["precision"] == "bfloat16-autocast"
+    assert f32 != fbf and k32["precision"] == "float32" and kbf["precision"] == "bfloat16-mixed"
     # "auto" is whichever the hardware gives: its entry is that precision's
     monkeypatch.setattr(conceptor_mod, "cpu_has_native_bf16", lambda: False)
     assert dictionary.vocab_cache_entry(clip, TEMPLATES[:1], tmp_path, precision="auto")[0] == f32
