@@ -209,6 +209,12 @@ def main(argv=None):
     ids = all_ids[torch.linspace(0, n_vocab - 1, args.tokens).long()]
     templates = CLIP_TEMPLATES[: args.templates]
     modes = [m for m in args.modes.split(",") if m]
+    if "fp32-before" in modes:
+        try:
+            before_module()
+        except Exception as err:  # no git checkout with that commit: time the rest
+            print(f"skipping fp32-before (commit {BEFORE} not readable with git: {err})")
+            modes.remove("fp32-before")
     if "bf16" in modes and not cpu_has_native_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slow")
     info = dict(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(),
