@@ -168,7 +168,7 @@ def folder_name(concept, max_len: int = 48) -> str:
 
 
 # -- settings ------------------------------------------------------------------------------------
-from .config import AUTOCAST, SAMPLERS  # noqa: E402
+from .config import AUTOCAST, SAMPLERS, VOCAB_PRECISIONS  # noqa: E402
 
 
 def _rules():
@@ -206,6 +206,7 @@ def _rules():
         "val_every": nonneg, "val_steps": lambda n, v: check_int(n, v, 1, 1000),
         "val_sampler": lambda n, v: check_choice(n, v, SAMPLERS), "val_patience": nonneg,
         "autocast": lambda n, v: check_choice(n, v, AUTOCAST),
+        "vocab_precision": lambda n, v: check_choice(n, v, VOCAB_PRECISIONS),
         "seed": check_seed,
     }
 

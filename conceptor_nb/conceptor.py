@@ -374,6 +374,7 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
         clip = load_clip(clip or resolve(model_name(pipe), warn=False)[2], device=pipe.device)
     if dictionary is None:
         dictionary = build_dictionary(clip, images, word, s.dict_size, templates=s.clip_templates,
+                                      precision=s.vocab_precision,
                                       exclude_concept=exclude_concept, exclude_threshold=s.exclude_threshold,
                                       null_threshold=s.null_threshold,
                                       cache_dir=cache_dir, verbose=verbose)

@@ -440,7 +440,7 @@ def _seed_vocab_cache(home, cache):
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     feats = vocab_text_features(clip, ("a photo of a {}",), cache_dir=cache, verbose=False)
-    file, key = vocab_cache_entry(clip, settings("sd").clip_templates, cache)
+    file, key = vocab_cache_entry(clip, settings("sd").clip_templates, cache, precision=settings("sd").vocab_precision)
     save_verified(file, {"features": feats}, key)
 
 
