@@ -332,3 +332,17 @@ def test_train_quick_end_to_end(tmp_path):
     assert pipe.unet.config.sample_size == 16 and pipe.scheduler.config.prediction_type == "epsilon"
     norms = pipe.text_encoder.get_input_embeddings().weight.norm(dim=-1)
     assert torch.allclose(norms, torch.full_like(norms, 0.45), rtol=2e-3)
+
+
+def test_evaluate_set_overrides_are_typed_by_the_settings():
+    """`evaluate --set NAME=VALUE` (a lever measured against the ground truth) types each value by its field,
+    honours 'none' for optional ones, and refuses names that are not settings."""
+    from conceptor_nb.config import settings
+    from conceptor_nb.toyworld.evaluate import parse_overrides
+
+    got = parse_overrides(["val_every=0", "null_threshold=none", "flip=false", "sparsity=0.01", "n-tokens=5"])
+    assert got == {"val_every": 0, "null_threshold": None, "flip": False, "sparsity": 0.01, "n_tokens": 5}
+    assert settings("toy").replace(**got).n_tokens == 5
+    for bad in (["n_val"], ["no_such_setting=1"]):
+        with pytest.raises(SystemExit, match="NAME=VALUE"):
+            parse_overrides(bad)
