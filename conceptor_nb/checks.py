@@ -202,6 +202,7 @@ def _rules():
         "lr": lambda n, v: check_float(n, v, 0.0, 1.0, lo_open=True),
         "weight_decay": lambda n, v: check_float(n, v, 0.0, 10.0),
         "sparsity": lambda n, v: check_float(n, v, 0.0, 1e6),
+        "min_timestep": lambda n, v: check_float(n, v, 0.0, 0.99),
         "mlp_hidden": pos, "flip": flag,
         "val_every": nonneg, "val_steps": lambda n, v: check_int(n, v, 1, 1000),
         "val_sampler": lambda n, v: check_choice(n, v, SAMPLERS), "val_patience": nonneg,

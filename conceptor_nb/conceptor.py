@@ -461,14 +461,16 @@ def autocast_to(device, dtype: torch.dtype | None):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def sample_batch(latents: torch.Tensor, b: int, gen: torch.Generator, n_timesteps: int, device):
+def sample_batch(latents: torch.Tensor, b: int, gen: torch.Generator, n_timesteps: int, device,
+                 min_timestep: float = 0.0):
     """A training batch from cached latents (2, N, ...) = (original, flipped): ``b`` random images, each
-    original or flipped, with noise and timesteps, all drawn from ``gen`` (CPU) in a fixed order."""
+    original or flipped, with noise and timesteps (uniform on ``[min_timestep * n_timesteps, n_timesteps)``),
+    all drawn from ``gen`` (CPU) in a fixed order."""
     pick = torch.randint(0, latents.shape[1], (b,), generator=gen)
     side = torch.randint(0, latents.shape[0], (b,), generator=gen)
     x0 = latents[side, pick]
     noise = torch.randn(x0.shape, generator=gen).to(device)
-    t = torch.randint(0, n_timesteps, (b,), generator=gen).to(device)
+    t = torch.randint(int(min_timestep * n_timesteps), n_timesteps, (b,), generator=gen).to(device)
     return x0, noise, t
 
 
@@ -637,7 +639,7 @@ def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_im
             on_step(start - 1, history)
         for step in bar:
             ts = time.perf_counter()
-            batch = sample_batch(latents, min(s.batch_size, latents.shape[1]), gen, n_train_t, device)
+            batch = sample_batch(latents, min(s.batch_size, latents.shape[1]), gen, n_train_t, device, s.min_timestep)
             loss, rec, sparse = step_loss(pipe, mlp, embeddings, norm, n_top, batch, ids_prompt, s.template,
                                           prediction, alphas_cumprod, s.sparsity, amp)
             if not torch.isfinite(loss):

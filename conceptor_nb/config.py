@@ -87,6 +87,8 @@ class Settings:
     lr: float = _f(1e-3, "learning rate (AdamW)")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     sparsity: float = _f(1e-3, "sparsity lambda")
+    min_timestep: float = _f(0.0, "fit only on noise levels t >= this fraction of the schedule (0: every t, the "
+                             "authors'; toy world only, see conceptor_nb/data/toyworld/README.md)")
     mlp_hidden: int = _f(100, "hidden width of the coefficient MLP")
     flip: bool = _f(True, "random horizontal flips of the training images")
     # validation
@@ -163,9 +165,15 @@ SD = Settings(autocast="auto", vocab_precision="auto")
 # The toy world: 32 px images, a few dozen words that matter. Guidance 1.5, chosen from the guidance table
 # in conceptor_nb/data/toyworld/README.md: higher scales make the model drop the concepts' minority
 # components (at 4, leaf's orange triangle 2%), lower ones leave a third of the images unresolved.
+# The fit skips the lowest fifth of the noise levels (min_timestep=0.2; the authors use every t): there the
+# toy model's loss prefers the filler word "thing" to each concept's own word (held-out images, all six
+# concepts in t < 0.1, five of six in 0.1-0.2), and these levels carry half of the uniform-t loss, so they
+# steered the fit to generic words. Measured against the ground truth (18 decompositions): recall@5 of the
+# spec's constituents 0.94 -> 0.98, top-10 stability 0.77 -> 0.87 (conceptor_nb/data/toyworld/README.md).
 TOY = Settings(
     n_train=48, n_val=8, gen_steps=20, guidance=1.5, sampler="dpm", dict_size=100, null_threshold=0.8,
     clip_templates=("a photo of a {}",), n_tokens=10, steps=300, batch_size=6, val_every=50, val_steps=15,
+    min_timestep=0.2,
 )
 CI = TOY.replace(n_train=24, n_val=4, gen_steps=12, steps=150, val_every=50, val_steps=10)
 

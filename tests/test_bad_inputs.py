@@ -78,6 +78,7 @@ CASES = [
     ("guidance nan", D(guidance=math.nan), InvalidInputError, "guidance must be a finite number", None),
     ("sparsity nan", D(sparsity=math.nan), InvalidInputError, "sparsity must be a finite number >= 0.0", None),
     ("sparsity inf", D(sparsity=math.inf), InvalidInputError, "got inf", None),
+    ("min_timestep 1", D(min_timestep=1.0), InvalidInputError, "min_timestep must be a finite number >= 0.0 and <= 0.99", None),
     ("seed 2**70", D(seed=2**70), InvalidInputError, "seed must be an integer >= 0 and <= 4611686018427387904", None),
     ("seed -1", D(seed=-1), InvalidInputError, "seed must be an integer >= 0", None),
     ("sampler bogus", D(sampler="bogus"), InvalidInputError, "sampler must be one of 'ddim'", None),

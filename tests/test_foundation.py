@@ -98,6 +98,31 @@ def test_autocast_modes(monkeypatch):
         f("mps", "bf16", torch.float32)
 
 
+def test_min_timestep_restricts_the_fits_noise_levels(tiny_pipe, monkeypatch):
+    """``min_timestep`` (a toy-world option; 0 is the authors' uniform t) keeps every drawn t in the upper range,
+    and the fit draws its batches through it."""
+    import conceptor_nb.conceptor as conceptor_mod
+    from conceptor_nb.conceptor import fit, sample_batch
+
+    latents = torch.randn(2, 5, 4, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    assert int(sample_batch(latents, 200, gen, 1000, "cpu")[2].min()) < 100
+    t = sample_batch(latents, 200, torch.Generator().manual_seed(0), 1000, "cpu", 0.4)[2]
+    assert int(t.min()) >= 400 and int(t.max()) < 1000
+    drawn = []
+    real = conceptor_mod.sample_batch
+
+    def recording(*a, **kw):
+        out = real(*a, **kw)
+        drawn.append(out[2])
+        return out
+
+    monkeypatch.setattr(conceptor_mod, "sample_batch", recording)
+    s = TINY.replace(steps=6, val_every=0, min_timestep=0.5)
+    fit(tiny_pipe, torch.rand(2, 3, 32, 32), [320, 1929, 2368], s, verbose=False)
+    assert len(drawn) == 6 and int(torch.cat(drawn).min()) >= 500
+
+
 def test_gradient_reaches_the_mlp_and_not_the_model(tiny_pipe):
     table = tiny_pipe.text_encoder.get_input_embeddings().weight
     ids = [320, 1929, 2368, 4276]

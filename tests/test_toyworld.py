@@ -346,3 +346,20 @@ def test_evaluate_set_overrides_are_typed_by_the_settings():
     for bad in (["n_val"], ["no_such_setting=1"]):
         with pytest.raises(SystemExit, match="NAME=VALUE"):
             parse_overrides(bad)
+
+
+def test_loss_by_timestep_is_the_fits_loss_per_noise_band(spec):
+    """The diagnostic's bands partition the fit's loss: the same vector under two names gives the same numbers,
+    and the uniform-t mean lies within the range of the band means."""
+    from conceptor_nb.models import load_pipeline
+    from conceptor_nb.toyworld.evaluate import loss_by_timestep, timestep_diagnostic
+
+    pipe = load_pipeline("toy", device="cpu", dtype=torch.float32)
+    images = torch.rand(4, 3, 32, 32)
+    w = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("apple", add_special_tokens=False).input_ids[0]]
+    res = loss_by_timestep(pipe, images, {"a": w.detach(), "b": w.detach().clone()}, bins=5, repeats=3)
+    assert res["a"] == res["b"] and len(res["a"]["bands"]) == 5
+    assert min(res["a"]["bands"]) <= res["a"]["all"] <= max(res["a"]["bands"])
+    d = timestep_diagnostic(pipe, spec, "fruit", images, bins=4, repeats=2)
+    assert set(d["losses"]) == {"the word 'fruit'", "the spec's mixture", f"the filler '{spec.filler_word}'"}
+    assert d["first_semantic_band"] is None or 0 <= d["first_semantic_band"] < 4

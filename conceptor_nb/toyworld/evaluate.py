@@ -361,6 +361,68 @@ def null_test(pipe, spec: Spec, token: str, n: int = 32, seed: int = 0, *, oracl
             "token_readings": dict(ra.most_common(4)), "empty_readings": dict(rb.most_common(4))}
 
 
+def loss_by_timestep(pipe, images: torch.Tensor, vectors: dict, *, template: str = "a photo of a {}", bins: int = 10,
+                     repeats: int = 20, seed: int = 123) -> dict:
+    """The fit's reconstruction loss (the diffusion loss, epsilon or v) on ``images`` with each pseudo-token of
+    ``vectors`` (``{name: vector}``) in ``template``, per band of noise levels: ``{name: [mean loss of band
+    0 (t near 0), ..., band bins-1]}``, plus ``"all"``: the mean over uniform t, what the fit minimises.
+    Every vector sees the same noise and timesteps (``repeats`` draws per image)."""
+    from diffusers import DDPMScheduler
+
+    from ..conceptor import encode_latents
+    from ..inject import encode_template, template_prompt, tokenize
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    ac, n_t = sched.alphas_cumprod, sched.config.num_train_timesteps
+    v_pred = sched.config.prediction_type == "v_prediction"
+    lat = encode_latents(pipe, images).float()
+    ids = tokenize(pipe.tokenizer, template_prompt(template))
+    gen = torch.Generator().manual_seed(seed)
+    draws = [(torch.randn(lat.shape, generator=gen), torch.randint(0, n_t, (len(lat),), generator=gen)) for _ in range(repeats)]
+    out = {}
+    for name, w in vectors.items():
+        per, cnt, total = torch.zeros(bins), torch.zeros(bins), 0.0
+        with torch.no_grad():
+            cond = encode_template(pipe, w, template, ids)[0]
+            for noise, tt in draws:
+                a = ac[tt].view(-1, 1, 1, 1)
+                noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+                target = a.sqrt() * noise - (1 - a).sqrt() * lat if v_pred else noise
+                pred = pipe.unet(noisy, tt, encoder_hidden_states=cond.expand(len(tt), -1, -1)).sample.float()
+                loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+                band = (tt * bins // n_t).clamp(max=bins - 1)
+                per.index_add_(0, band, loss)
+                cnt.index_add_(0, band, torch.ones_like(loss))
+                total += float(loss.mean())
+        out[name] = {"bands": (per / cnt.clamp_min(1)).tolist(), "all": total / repeats}
+    return out
+
+
+def timestep_diagnostic(pipe, spec: Spec, concept: str, images: torch.Tensor, *, template: str = "a photo of a {}",
+                        bins: int = 10, repeats: int = 20) -> dict:
+    """Is the diffusion loss semantic at every noise level? On ``images`` of ``concept``: the loss of the
+    concept's own word, of the spec's constituents mixed by their weights, and of the filler word (a word that
+    names nothing drawn), per band of t. ``first_semantic_band``: the lowest band from which the word and the
+    mixture both beat the filler in every band above (None: never)."""
+    from ..conceptor import combine, vocab_norm
+    from ..inject import token_embeddings
+
+    tok = pipe.tokenizer
+    wid = lambda w: tok(w, add_special_tokens=False).input_ids[0]  # every world word is one token (spec check)
+    norm = vocab_norm(pipe)
+    cons = spec.concepts[concept].constituents
+    vec = lambda words, weights: combine(torch.tensor(weights, dtype=torch.float32),
+                                         token_embeddings(pipe, [wid(w) for w in words]), norm)
+    vectors = {f"the word '{concept}'": vec([concept], [1.0]),
+               "the spec's mixture": vec(list(cons), list(cons.values())),
+               f"the filler '{spec.filler_word}'": vec([spec.filler_word], [1.0])}
+    res = loss_by_timestep(pipe, images, vectors, template=template, bins=bins, repeats=repeats)
+    word, mix, filler = (res[k]["bands"] for k in vectors)
+    ok = [word[i] < filler[i] and mix[i] < filler[i] for i in range(bins)]
+    first = next((i for i in range(bins) if all(ok[i:])), None)
+    return {"concept": concept, "losses": res, "first_semantic_band": first, "bins": bins}
+
+
 def summarise(runs: dict, k: int = 5, top: int = 10) -> dict:
     """Means over the runs of :func:`decomposition_report` (``{concept: [row per run]}``), and each concept's
     top-``top`` stability (mean pairwise overlap across its runs) beside the chance overlap for its dictionary."""
@@ -392,13 +454,14 @@ def fidelity_of(table: dict, spec: Spec, guidance: float) -> dict:
 def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=None, concepts=None, k: int = 5,
                          top: int = 10, min_share: float = 0.10, render_n: int | None = None, null_n: int = 32,
                          guidances=(1.0, 2.0, 4.0, 7.5), guidance_n: int = 128, cache_dir=None, log=print,
-                         partial_path=None) -> dict:
+                         partial_path=None, diagnostic_seed: int | None = 7) -> dict:
     """Issue 11's measurements: per concept and run (a run's seed picks disjoint concept images, see
     :func:`conceptor_nb.images.image_seeds`) the top-``top`` tokens, recall@``k`` against the spec's
     constituents and against the drawn ones (shown in >= ``min_share`` of that run's concept images), the
     tokens outside the world's words in the top ``k`` (each rendered alone against the empty template),
     the oracle proportions of the concept images and of the pseudo-token's renders, top-``top`` stability
-    across runs beside the chance overlap for the dictionary, and the guidance table."""
+    across runs beside the chance overlap for the dictionary, and the guidance table. ``diagnostic_seed`` (a
+    run seed not among ``seeds``; None: skip): :func:`timestep_diagnostic` on that run's concept images."""
     from ..config import settings as profile_settings
     from ..conceptor import decompose
 
@@ -445,6 +508,14 @@ def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=No
 
                 Path(partial_path).write_text(json.dumps(out, indent=1, default=str))
     out["summary"] = summarise(out["runs"], k, top)
+    if diagnostic_seed is not None:
+        from ..images import concept_images
+
+        out["timestep_diagnostic"] = {"seed": int(diagnostic_seed), "concepts": {}}
+        for c in concepts:
+            imgs = concept_images(pipe, s.template.format(c), s.n_train, int(diagnostic_seed), steps=s.gen_steps,
+                                  guidance=s.guidance, sampler=s.sampler, cache_dir=cache_dir, verbose=False)
+            out["timestep_diagnostic"]["concepts"][c] = timestep_diagnostic(pipe, spec, c, imgs, template=s.template)
     if guidances:
         out["guidance_table"] = {str(g): {c: r["generated"] for c, r in rows.items()}
                                  for g, rows in guidance_table(pipe, spec, guidances, guidance_n, 0, oracle=oracle,
@@ -476,6 +547,19 @@ def report_markdown(rep: dict, spec: Spec) -> str:
     for c in rep["runs"]:
         lines.append(f"| {c} | {sm[f'stability_top{top}'][c]:.2f} | {sm[f'chance_top{top}'][c]:.2f} |")
     lines.append(f"| mean | {sm[f'stability_top{top}_mean']:.2f} | {sm[f'chance_top{top}_mean']:.2f} |")
+    if rep.get("timestep_diagnostic"):
+        td = rep["timestep_diagnostic"]
+        bins = next(iter(td["concepts"].values()))["bins"]
+        lines += ["", f"Reconstruction loss x 1000 by noise level (t in tenths of the schedule), on held-out concept images "
+                  f"(run seed {td['seed']}); `all`: uniform t, what the fit minimises:", "",
+                  "| concept | pseudo-token | all | " + " | ".join(f"t {i}/{bins}" for i in range(bins)) + " |",
+                  "| --- | --- | --- |" + " --- |" * bins]
+        for c, d in td["concepts"].items():
+            for name, r in d["losses"].items():
+                lines.append(f"| {c} | {name} | {1000 * r['all']:.1f} | " + " | ".join(f"{1000 * x:.1f}" for x in r["bands"]) + " |")
+        lines += ["", "First band from which the concept's word and the spec's mixture both beat the filler in every higher "
+                  "band: " + ", ".join(f"{c} {d['first_semantic_band'] if d['first_semantic_band'] is not None else 'never'}"
+                                        f"/{bins}" for c, d in td["concepts"].items()) + "."]
     if rep.get("null_tests"):
         lines += ["", "| token outside the world | oracle TV distance to the empty template | mean pixel distance |", "| --- | --- | --- |"]
         for w, t in rep["null_tests"].items():
@@ -610,6 +694,8 @@ def main(argv=None):
     p.add_argument("--guidances", default="1,2,4,7.5", help="guidance table scales ('' for none)")
     p.add_argument("--guidance-n", type=int, default=128)
     p.add_argument("--cache", default=None, help="cache folder for concept images and dictionaries")
+    p.add_argument("--diagnostic-seed", type=int, default=7,
+                   help="run seed of the held-out images of the loss-by-noise-level diagnostic (-1: skip)")
     p.add_argument("--readme", default=None, help="write the Markdown into this README between the evaluate markers")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -628,7 +714,8 @@ def main(argv=None):
         rep = decomposition_report(pipe, clip, spec, [int(x) for x in a.seeds.split(",")], settings=s,
                                    concepts=a.concepts.split(",") if a.concepts else None, render_n=a.render_n,
                                    guidances=gs, guidance_n=a.guidance_n, cache_dir=a.cache,
-                                   partial_path=a.out + ".partial" if a.out else None)
+                                   partial_path=a.out + ".partial" if a.out else None,
+                                   diagnostic_seed=None if a.diagnostic_seed < 0 else a.diagnostic_seed)
         md = report_markdown(rep, spec)
         print(md)
         if a.readme:
