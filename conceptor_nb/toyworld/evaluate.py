@@ -623,6 +623,16 @@ def load_models(model: str = "toy", device: str = "cpu"):
     return pipe, clip
 
 
+def provenance(argv=None) -> str:
+    """The command line and the machine a report came from."""
+    import platform
+    import sys
+
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"python -m conceptor_nb.toyworld.evaluate {args} on {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+
+
 def parse_overrides(items) -> dict:
     """``["val_every=0", "null_threshold=none"]`` -> ``{"val_every": 0, "null_threshold": None}``, typed by
     the Settings fields (the same fields the CLI's flags come from)."""
@@ -723,6 +733,7 @@ def main(argv=None):
     else:
         rep = full_report(pipe, clip, spec, a.n, a.seed, steps=a.steps, guidance=a.guidance, sampler=a.scheduler)
     rep["eval_seconds"] = time.time() - t
+    rep["provenance"] = provenance(argv)
     if a.out:
         Path(a.out).write_text(json.dumps(rep, indent=2, default=str))
     return rep
