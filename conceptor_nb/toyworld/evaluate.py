@@ -736,6 +736,7 @@ def main(argv=None):
     rep["provenance"] = provenance(argv)
     if a.out:
         Path(a.out).write_text(json.dumps(rep, indent=2, default=str))
+        Path(a.out + ".partial").unlink(missing_ok=True)  # the run finished: its partial copy is not needed
     return rep
 
 
