@@ -396,8 +396,9 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
 
 def diffusion_loss(pipe, w: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    ids_prompt: torch.Tensor, template: str, prediction: str, alphas_cumprod: torch.Tensor,
-                   amp: torch.dtype | None = None) -> torch.Tensor:
-    """MSE between the UNet's prediction and the epsilon or v target, with ``w`` in the prompt.
+                   amp: torch.dtype | None = None, reduction: str = "mean") -> torch.Tensor:
+    """MSE between the UNet's prediction and the epsilon or v target, with ``w`` in the prompt
+    (``reduction="none"``: one value per batch item).
 
     The prompt is encoded once (not once per batch item) and shared by the batch.
     ``amp``: autocast the UNet pass to this dtype. The text encoder stays in its
@@ -417,6 +418,8 @@ def diffusion_loss(pipe, w: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
         extra["added_cond_kwargs"] = {k: v.to(dtype).expand(b, -1) for k, v in added.items()}
     with autocast_to(x0.device, amp):
         pred = unet(noisy.to(dtype), t, encoder_hidden_states=cond.to(dtype), **extra).sample
+    if reduction == "none":
+        return ((pred.float() - target) ** 2).flatten(1).mean(1)
     return F.mse_loss(pred.float(), target)
 
 

@@ -369,12 +369,11 @@ def loss_by_timestep(pipe, images: torch.Tensor, vectors: dict, *, template: str
     Every vector sees the same noise and timesteps (``repeats`` draws per image)."""
     from diffusers import DDPMScheduler
 
-    from ..conceptor import encode_latents
-    from ..inject import encode_template, template_prompt, tokenize
+    from ..conceptor import diffusion_loss, encode_latents
+    from ..inject import template_prompt, tokenize
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     ac, n_t = sched.alphas_cumprod, sched.config.num_train_timesteps
-    v_pred = sched.config.prediction_type == "v_prediction"
     lat = encode_latents(pipe, images).float()
     ids = tokenize(pipe.tokenizer, template_prompt(template))
     gen = torch.Generator().manual_seed(seed)
@@ -383,13 +382,9 @@ def loss_by_timestep(pipe, images: torch.Tensor, vectors: dict, *, template: str
     for name, w in vectors.items():
         per, cnt, total = torch.zeros(bins), torch.zeros(bins), 0.0
         with torch.no_grad():
-            cond = encode_template(pipe, w, template, ids)[0]
             for noise, tt in draws:
-                a = ac[tt].view(-1, 1, 1, 1)
-                noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
-                target = a.sqrt() * noise - (1 - a).sqrt() * lat if v_pred else noise
-                pred = pipe.unet(noisy, tt, encoder_hidden_states=cond.expand(len(tt), -1, -1)).sample.float()
-                loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+                loss = diffusion_loss(pipe, w, lat, noise, tt, ids, template, sched.config.prediction_type, ac,
+                                      reduction="none")  # the fit's own loss, per image
                 band = (tt * bins // n_t).clamp(max=bins - 1)
                 per.index_add_(0, band, loss)
                 cnt.index_add_(0, band, torch.ones_like(loss))
