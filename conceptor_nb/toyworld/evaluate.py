@@ -151,16 +151,12 @@ def fidelity(table: dict, spec: Spec, *, guidance: float, tolerance: float = 0.1
 
 
 # --------------------------------------------------------------------------- CLIP filter
-@torch.no_grad()
-def vocab_text_features(clip, template: str = "a photo of a {}", batch_size: int = 4096) -> torch.Tensor:
-    """(V, D) normalised CLIP text features of ``template`` around each vocabulary token id."""
-    tok = clip.tokenizer
-    pre = tok(template.split("{}")[0].strip(), add_special_tokens=False).input_ids
-    post = tok(template.split("{}")[1].strip(), add_special_tokens=False).input_ids if template.split("{}")[1].strip() else []
-    V = len(tok)
-    bos, eos = tok.bos_token_id, tok.eos_token_id
-    ids = torch.tensor([[bos] + pre + [i] + post + [eos] for i in range(V)])
-    return clip.text_features_ids(ids, batch_size=batch_size)
+def vocab_text_features(clip, template: str = "a photo of a {}") -> torch.Tensor:
+    """(V, D) normalised CLIP text features of ``template`` around each vocabulary token id: the dictionary's
+    own vocabulary embedding (:func:`conceptor_nb.dictionary.vocab_text_features`), uncached here."""
+    from ..dictionary import vocab_text_features as embed
+
+    return embed(clip, (template,), cache_dir=False, verbose=False)
 
 
 @torch.no_grad()
