@@ -35,12 +35,16 @@ sys.path.insert(0, str(ROOT))
 
 from conceptor_nb.config import CLIP_TEMPLATES  # noqa: E402
 from conceptor_nb.conceptor import cpu_has_native_bf16  # noqa: E402
-from conceptor_nb.dictionary import _template_parts, layer_weights, template_features, word_token_ids  # noqa: E402
+from conceptor_nb.dictionary import (_template_parts, layer_weights, template_features, vocab_text_features,  # noqa: E402
+                                     word_token_ids)
 
 CONFIG = ROOT / "tests" / "fixtures" / "hub_configs" / "openai" / "clip-vit-base-patch32" / "config.json"
 TOKENIZER = ROOT / "conceptor_nb" / "data" / "clip_tokenizer"
 BEFORE = "9eb5203"  # the commit before this benchmark: prefix-cached, whole last layer, separate q, k, v products
-MODES = {"fp32-before": dict(before=True),
+SDPA = "8f8f131"  # the commit before the prefix attention as two dense products (a fused attention call, 8192 prompts a pass)
+MODES = {"fp32-before": dict(before=BEFORE),
+         "fp32-sdpa": dict(before=SDPA, precision="fp32", eos_only_last=True),
+         "bf16-sdpa": dict(before=SDPA, precision="bf16", eos_only_last=True),
          "fp32": dict(precision="fp32", eos_only_last=True),
          "bf16": dict(precision="bf16", eos_only_last=True)}
 # dense bf16 tensor-core peak of an H100/H200 SXM (the two have the same compute), FLOP/s
@@ -95,17 +99,18 @@ def full_flops(cfg, tok, templates, n_tokens: int, eos_only_last: bool) -> float
     return total
 
 
-def before_module():
-    """``conceptor_nb.dictionary`` as it was at commit ``BEFORE`` (read with git), to time it on the same model."""
+def before_module(commit: str = BEFORE):
+    """``conceptor_nb.dictionary`` as it was at ``commit`` (read with git), to time it on the same model."""
     import importlib.util
     import subprocess
 
-    src = subprocess.check_output(["git", "-C", str(ROOT), "show", f"{BEFORE}:conceptor_nb/dictionary.py"])
-    spec = importlib.util.spec_from_loader("conceptor_nb._dictionary_before", loader=None)
+    src = subprocess.check_output(["git", "-C", str(ROOT), "show", f"{commit}:conceptor_nb/dictionary.py"],
+                                  stderr=subprocess.DEVNULL)
+    spec = importlib.util.spec_from_loader(f"conceptor_nb._dictionary_{commit}", loader=None)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = "conceptor_nb"
     sys.modules[spec.name] = mod  # (its dataclass looks itself up there)
-    exec(compile(src, f"{BEFORE}:conceptor_nb/dictionary.py", "exec"), mod.__dict__)
+    exec(compile(src, f"{commit}:conceptor_nb/dictionary.py", "exec"), mod.__dict__)
     return mod
 
 
@@ -128,12 +133,13 @@ def timed(clip, templates, ids, modes, rounds: int) -> dict:
     fns, prep = {}, {m: 0.0 for m in modes}
     for mode in modes:
         kw = dict(MODES[mode])
-        if kw.pop("before", False):
-            fn = before_module().template_features
-        else:  # the layers' weights are made once per vocabulary embedding (timed apart, in prep_s)
-            fn = template_features
+        commit = kw.pop("before", None)
+        mod = before_module(commit) if commit else None
+        fn = mod.template_features if mod else template_features
+        if "precision" in kw:  # the layers' weights are made once per vocabulary embedding (timed apart, in prep_s)
             t0 = time.perf_counter()
-            kw["weights"] = layer_weights(clip.model, torch.bfloat16 if kw["precision"] == "bf16" else torch.float32)
+            kw["weights"] = (mod or sys.modules[template_features.__module__]).layer_weights(
+                clip.model, torch.bfloat16 if kw["precision"] == "bf16" else torch.float32)
             prep[mode] = time.perf_counter() - t0
         fns[mode] = (fn, kw)
         fn(clip, templates[0], ids[:256], **kw)  # warm-up
@@ -187,7 +193,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per timed template")
     ap.add_argument("--templates", type=int, default=3, help="timed templates (the first K of the authors' 27)")
-    ap.add_argument("--modes", default="fp32-before,fp32,bf16")
+    ap.add_argument("--modes", default="fp32-before,fp32-sdpa,bf16-sdpa,fp32,bf16")
+    ap.add_argument("--full", default=None, metavar="PRECISION[,PRECISION]",
+                    help="also run the whole embedding (every token x the 27 templates, vocab_text_features, "
+                         "uncached) in these precisions and time it: a measurement, not an extrapolation")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest is kept")
     ap.add_argument("--agree-tokens", type=int, default=0, help="tokens of the fp32/bf16 agreement (0: skip; "
@@ -209,12 +218,14 @@ def main(argv=None):
     ids = all_ids[torch.linspace(0, n_vocab - 1, args.tokens).long()]
     templates = CLIP_TEMPLATES[: args.templates]
     modes = [m for m in args.modes.split(",") if m]
-    if "fp32-before" in modes:
-        try:
-            before_module()
-        except Exception as err:  # no git checkout with that commit: time the rest
-            print(f"skipping fp32-before (commit {BEFORE} not readable with git: {err})")
-            modes.remove("fp32-before")
+    for mode in list(modes):
+        commit = MODES[mode].get("before")
+        if commit:
+            try:
+                before_module(commit)
+            except Exception as err:  # no git checkout with that commit: time the rest
+                print(f"skipping {mode} (commit {commit} not readable with git: {err})")
+                modes.remove(mode)
     if "bf16" in modes and not cpu_has_native_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and slow")
     info = dict(cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(),
@@ -233,7 +244,6 @@ def main(argv=None):
         print(f"{mode:12s} per template ({args.tokens} tokens): " + ", ".join(f"{t:.2f}" for t in times)
               + f" s; full {n_vocab} x {n_templates}: {rows[mode]['full_min']:.1f} min; {rows[mode]['gflops']:.0f} GFLOP/s;"
               f" {rows[mode]['full_tflop']:.1f} TFLOP in all", flush=True)
-    info["loadavg_end"] = os.getloadavg()[0]
     fl_all = full_flops(cfg, tok, CLIP_TEMPLATES, n_vocab, True)
     floor = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -241,6 +251,15 @@ def main(argv=None):
         floor[name] = dict(gemm_gflops=rate / 1e9, floor_min=fl_all / rate / 60)
         print(f"{name} product alone: {rate / 1e9:.0f} GFLOP/s; the full embedding at that rate (its floor): "
               f"{floor[name]['floor_min']:.1f} min", flush=True)
+    full = {}
+    for precision in [p for p in (args.full or "").split(",") if p]:
+        t0 = time.perf_counter()
+        feats = vocab_text_features(clip, CLIP_TEMPLATES, precision=precision, cache_dir=False, verbose=False)
+        full[precision] = dict(minutes=(time.perf_counter() - t0) / 60, rows=int((feats.abs().sum(-1) > 0).sum()),
+                               loadavg=os.getloadavg()[0])
+        print(f"whole embedding, {precision}: {full[precision]['rows']} tokens x {n_templates} templates in "
+              f"{full[precision]['minutes']:.1f} min (measured)", flush=True)
+    info["loadavg_end"] = os.getloadavg()[0]
     agree = None
     if args.agree_tokens:
         aids = all_ids[torch.linspace(0, n_vocab - 1, min(args.agree_tokens, n_vocab)).long()]
@@ -250,7 +269,8 @@ def main(argv=None):
         agree = json.loads(Path(args.agreement_from).read_text())["agreement"]
     fl = full_flops(cfg, tok, CLIP_TEMPLATES, n_vocab, True)
     gpu_s = fl / (GPU_FRACTION * H100_BF16_PEAK)
-    out = dict(info=info, modes=rows, floor=floor, agreement=agree, full_tflop=fl / 1e12, gpu_estimate_s=gpu_s)
+    out = dict(info=info, modes=rows, floor=floor, full=full, agreement=agree, full_tflop=fl / 1e12,
+               gpu_estimate_s=gpu_s)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.markdown:
@@ -265,7 +285,7 @@ def markdown(out, cfg) -> str:
              f"(width {cfg.hidden_size}, MLP {cfg.intermediate_size}, {cfg.num_hidden_layers} layers), random weights.", "",
              f"CPU `{info['cpu']}`, native bf16: {info['native_bf16']}, torch {info['torch']}, {info['threads']} threads, "
              f"load average {info['loadavg_start']:.1f} at the start and {info['loadavg_end']:.1f} at the end "
-             f"(the machine's 2 cores were shared with other jobs), {info['date']}.", "",
+             f"(2 cores: above 2 the machine was shared with other jobs), {info['date']}.", "",
              f"{info['tokens']} tokens per template, templates: " + ", ".join(f"`{t}`" for t in info["templates"]) + ".", "",
              "| mode | s per template | full embedding (min, extrapolated) | GFLOP/s | TFLOP (full) |",
              "|---|---|---|---|---|"]
@@ -277,6 +297,12 @@ def markdown(out, cfg) -> str:
               "| precision | GFLOP/s of the product alone | floor of the full embedding (min) |", "|---|---|---|"]
     for name, f in out["floor"].items():
         lines.append(f"| {name} | {f['gemm_gflops']:.0f} | {f['floor_min']:.1f} |")
+    if out.get("full"):
+        lines += ["", "The whole embedding, measured (every token x the 27 templates, `vocab_text_features`, uncached, "
+                  "the default batch size for this device):", "", "| precision | minutes | tokens | load average at the end |",
+                  "|---|---|---|---|"]
+        for name, f in out["full"].items():
+            lines.append(f"| {name} | {f['minutes']:.1f} | {f['rows']} | {f['loadavg']:.1f} |")
     if agree:
         lines += ["", f"## fp32 against bf16 ({agree['tokens']} tokens, {agree['templates']} template(s))", "",
                   f"Per-token cosine of the features: min {agree['cos_min']:.5f}, 1st percentile {agree['cos_p01']:.5f}, "
