@@ -299,6 +299,25 @@ def test_train_config_round_trip_and_flags(tmp_path):
         TrainConfig.load(tmp_path / "bad.json")
 
 
+def test_prompt_free_low_noise_reassigns_captions_only_below_the_threshold():
+    from conceptor_nb.toyworld.train import build_parser, config_from_args, prompt_free_low_noise
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(64)[:, None].repeat(1, 5)  # caption i is row i
+    t = torch.arange(64) * 1000 // 64  # t from 0 to 984: the first 13 rows are below 0.2 x 1000
+    low = t < 200
+    moved = torch.zeros(64, dtype=torch.bool)
+    for _ in range(20):
+        out = prompt_free_low_noise(ids, t, 0.2, 1000, g)
+        assert torch.equal(out[~low], ids[~low])  # the rest keep their own caption
+        assert set(out[low, 0].tolist()) <= set(range(64)) and bool((out == out[:, :1]).all())  # whole captions
+        moved |= out[:, 0] != torch.arange(64)
+    assert bool(moved[low].all()) and not bool(moved[~low].any())
+    assert torch.equal(prompt_free_low_noise(ids, t, 0.0, 1000, g), ids)
+    cfg = config_from_args(build_parser().parse_args(["--out", "x", "--prompt-free-below", "0.2"]))
+    assert cfg.prompt_free_below == 0.2
+
+
 def test_project_rows_keeps_directions():
     from conceptor_nb.toyworld.train import project_rows
 

@@ -331,6 +331,19 @@ def save_pipeline(vae, text_encoder, unet, tokenizer, out: Path, fp16: bool):
     pipe.save_pretrained(out, safe_serialization=True)
 
 
+def prompt_free_low_noise(ids: torch.Tensor, t: torch.Tensor, below: float, num_train_timesteps: int,
+                          gen: torch.Generator) -> torch.Tensor:
+    """Captions ``ids`` (B, L) where each example with ``t < below * num_train_timesteps`` gets the caption of
+    another example of the batch (a random permutation): at those noise levels the prompt is independent of the
+    picture, so the best prediction ignores it. The marginal distribution of captions is unchanged (the same
+    captions, reassigned); the other examples keep their own."""
+    low = t.to(ids.device) < below * num_train_timesteps
+    if not bool(low.any()):
+        return ids
+    perm = torch.randperm(len(ids), generator=gen, device=gen.device).to(ids.device)
+    return torch.where(low[:, None], ids[perm], ids)
+
+
 def train_diffusion(cfg, spec, cap, latents, latents_flip, recs, rng, gen, vae, tokenizer, out: Path,
                     text=None, unet=None):
     """UNet + text encoder under the diffusion loss; returns (EMA unet, EMA text encoder, loss history,
@@ -357,6 +370,7 @@ def train_diffusion(cfg, spec, cap, latents, latents_flip, recs, rng, gen, vae, 
     n, B = len(latents), cfg.batch
     alphas = sched.alphas_cumprod.to(dev)
     dgen = torch.Generator(dev).manual_seed(cfg.seed + 13)
+    pgen = torch.Generator().manual_seed(cfg.seed + 17)
     t0 = time.time()
     hist = []
     total, step = cfg.steps, 0
@@ -374,6 +388,8 @@ def train_diffusion(cfg, spec, cap, latents, latents_flip, recs, rng, gen, vae, 
         s = (1 - alphas[t]).sqrt()[:, None, None, None]
         xt = a * x0 + s * noise
         ids, _ = cap.batch([recs[i] for i in idx], rng, dropout=spec.sampling["caption_dropout"])
+        if cfg.prompt_free_below:
+            ids = prompt_free_low_noise(ids, t.cpu(), cfg.prompt_free_below, sched.config.num_train_timesteps, pgen)
         enc = text(input_ids=ids.to(dev)).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=enc).sample
         loss = F.mse_loss(pred, noise)
@@ -442,6 +458,10 @@ class TrainConfig:
     warmup: int = 100
     unet_minutes: float | None = None
     save_every: int = 0  # save the EMA pipeline every this many steps (0: only at the end)
+    # below this fraction of the noise schedule the captions are shuffled across the batch: there the prompt
+    # says nothing about the picture, so the model learns low-noise predictions that do not depend on it
+    # (0: off, every caption stays with its image)
+    prompt_free_below: float = 0.0
     # clip
     clip_steps: int = 1500
     clip_batch: int = 128
