@@ -285,7 +285,7 @@ def load_single_file(path: str, dtype: torch.dtype, config: str | None = None):
     local cache), by default from the cached repo diffusers associates with the checkpoint's keys."""
     import diffusers
     from diffusers.loaders.single_file_utils import (DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type,
-                                                     is_open_clip_model)
+                                                     is_open_clip_model, is_open_clip_sdxl_model)
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -316,6 +316,10 @@ def load_single_file(path: str, dtype: torch.dtype, config: str | None = None):
         # diffusers tells 2.x by a 1024-wide cross-attention in input_blocks.2.1, which a 2.x model with
         # other widths or one layer per block lacks; its OpenCLIP text encoder (cond_stage_model.model.*) says 2.x
         kind = "v2"
+    elif kind == "v1" and is_open_clip_sdxl_model(state):
+        # diffusers tells SDXL base by a 10th layer (resblocks.9) in its second text encoder, which one with
+        # fewer layers lacks; that encoder itself (conditioner.embedders.1.model.*) says SDXL base
+        kind = "xl_base"
     if kind not in ("v1", "v2", "xl_base"):
         raise ModelNotFoundError(
             f"checkpoint {file} is a {kind!r} checkpoint (diffusers' name for it); supported single files: "

@@ -1,15 +1,19 @@
-"""Test-only: a diffusers Stable Diffusion 1.x/2.x pipeline as one checkpoint in the original (LDM) key layout.
+"""Test-only: a diffusers Stable Diffusion 1.x/2.x or SDXL base pipeline as one checkpoint in the original key layout.
 
 ``ldm_state_dict(pipe)`` returns the single-file state dict that the original Stable Diffusion code
-(CompVis / Stability "ldm") writes and model sites share:
+(CompVis / Stability "ldm", and Stability's "sgm" for SDXL) writes and model sites share:
 
-* ``model.diffusion_model.*``   the UNet (``input_blocks`` / ``middle_block`` / ``output_blocks``)
+* ``model.diffusion_model.*``   the UNet (``input_blocks`` / ``middle_block`` / ``output_blocks``;
+                                  SDXL's ``add_embedding`` is ``label_emb.0``)
 * ``first_stage_model.*``        the VAE (``encoder.down.{i}.block.{j}``, 1x1-conv mid attention)
 * ``cond_stage_model.transformer.text_model.*``  SD 1.x: the Hugging Face CLIP text model as is
 * ``cond_stage_model.model.*``   SD 2.x: OpenCLIP (``transformer.resblocks``, fused ``in_proj``)
+* ``conditioner.embedders.0.transformer.text_model.*``  SDXL's first text encoder (CLIP-L, as SD 1.x's)
+* ``conditioner.embedders.1.model.*``  SDXL's second one (OpenCLIP bigG, as SD 2.x's, with its
+                                         ``text_projection`` and ``logit_scale``)
 
 Only the inverse of what diffusers' ``from_single_file`` reads back is implemented: no EMA weights,
-no SDXL, no inpainting. It is written from the LDM module layout, not from a conversion script.
+no SDXL refiner, no inpainting. It is written from the LDM/sgm module layout, not from a conversion script.
 ``save_ldm_checkpoint(pipe, file)`` writes it with safetensors (no pickle).
 """
 from __future__ import annotations
@@ -45,7 +49,10 @@ def unet_to_ldm(state: dict, layers_per_block: int) -> dict:
     """
     L = layers_per_block
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             # SDXL: the pooled text + size/crop embedding is openaimodel's ``label_emb`` (Sequential(Sequential(
+             # Linear, SiLU, Linear))); its sinusoidal ``add_time_proj`` has no weights
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     up_attention = {k.split(".")[1] for k in state if k.startswith("up_blocks.") and ".attentions." in k}
     out = {}
     for key, value in state.items():
@@ -120,14 +127,19 @@ def clip_to_ldm(state: dict) -> dict:
 
 
 def openclip_to_ldm(state: dict) -> dict:
-    """transformers' CLIPTextModel weights (SD 2.x: the OpenCLIP-H text tower without its last layer)
-    -> ``FrozenOpenCLIPEmbedder``'s ``open_clip`` names: fused q/k/v ``in_proj``, ``ln_final``,
-    ``positional_embedding`` and a ``text_projection`` (width x width; SD 2.x does not use it)."""
+    """transformers' CLIPTextModel weights (SD 2.x: the OpenCLIP-H text tower without its last layer) or
+    CLIPTextModelWithProjection weights (SDXL: OpenCLIP bigG) -> the ``open_clip`` names of
+    ``FrozenOpenCLIPEmbedder`` (SD 2.x) / ``FrozenOpenCLIPEmbedder2`` (SDXL): fused q/k/v ``in_proj``,
+    ``ln_final``, ``positional_embedding`` and ``text_projection``, open_clip's (width x projection)
+    matrix that multiplies from the right, so the transpose of the Linear weight; SD 2.x does not use it
+    and has none in diffusers: a zero width x width one is written."""
     out = {}
     qkv: dict[tuple[str, str], dict] = {}
     for key, value in state.items():
         k = key.removeprefix("text_model.")
-        if k == "embeddings.token_embedding.weight":
+        if k == "text_projection.weight":
+            out["text_projection"] = value.T
+        elif k == "embeddings.token_embedding.weight":
             out["token_embedding.weight"] = value
         elif k == "embeddings.position_embedding.weight":
             out["positional_embedding"] = value
@@ -146,21 +158,30 @@ def openclip_to_ldm(state: dict) -> dict:
             raise KeyError(f"no OpenCLIP name for text-encoder weight {key}")
     for (i, param), parts in qkv.items():
         out[f"transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    width = out["positional_embedding"].shape[-1]
-    out["text_projection"] = torch.zeros(width, width, dtype=out["positional_embedding"].dtype)
+    if "text_projection" not in out:
+        width = out["positional_embedding"].shape[-1]
+        out["text_projection"] = torch.zeros(width, width, dtype=out["positional_embedding"].dtype)
     return out
 
 
 def ldm_state_dict(pipe) -> dict:
-    """The whole pipeline (UNet, VAE, text encoder) as one original-layout state dict."""
+    """The whole pipeline (UNet, VAE, text encoder(s)) as one original-layout state dict."""
     unet = {f"model.diffusion_model.{k}": v for k, v in
             unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block).items()}
     vae = {f"first_stage_model.{k}": v for k, v in
            vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)).items()}
     te_state = pipe.text_encoder.state_dict()
-    openclip = pipe.text_encoder.config.hidden_act == "gelu"  # OpenCLIP: gelu; OpenAI CLIP: quick_gelu
-    te = ({f"cond_stage_model.model.{k}": v for k, v in openclip_to_ldm(te_state).items()} if openclip else
-          {f"cond_stage_model.{k}": v for k, v in clip_to_ldm(te_state).items()})
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL base: sgm's GeneralConditioner
+        bigg = openclip_to_ldm(pipe.text_encoder_2.state_dict())
+        # open_clip's learned CLIP temperature (initialised at log(1/0.07)): sgm keeps open_clip's whole
+        # text model, so real files have it; nothing reads it back
+        bigg["logit_scale"] = torch.tensor(4.6052, dtype=bigg["positional_embedding"].dtype)
+        te = {**{f"conditioner.embedders.0.{k}": v for k, v in clip_to_ldm(te_state).items()},
+              **{f"conditioner.embedders.1.model.{k}": v for k, v in bigg.items()}}
+    elif pipe.text_encoder.config.hidden_act == "gelu":  # SD 2.x OpenCLIP: gelu; OpenAI CLIP: quick_gelu
+        te = {f"cond_stage_model.model.{k}": v for k, v in openclip_to_ldm(te_state).items()}
+    else:
+        te = {f"cond_stage_model.{k}": v for k, v in clip_to_ldm(te_state).items()}
     state = {**unet, **vae, **te}
     assert len(state) == len(unet) + len(vae) + len(te), "two weights got the same LDM name"
     return state
