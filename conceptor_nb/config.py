@@ -212,9 +212,24 @@ def settings(name: str | None = None) -> Settings:
     return profile(name).settings
 
 
+def toy_run_folder(model) -> Path | None:
+    """The run folder when ``model`` names the output of ``python -m conceptor_nb.toyworld.train`` (the
+    folder holding ``train_config.json`` and ``pipeline/``, or that ``pipeline/`` itself); else None."""
+    if not model or str(model) in ("toy", "tiny"):
+        return None
+    path = Path(str(model)).expanduser()
+    for root in (path, path.parent) if path.name == "pipeline" else (path,):
+        if (root / "train_config.json").is_file() and (root / "pipeline" / "model_index.json").is_file():
+            return root
+    return None
+
+
 def model_family(model: str) -> str:
-    """'toy', 'tiny' or 'sd' (any other name: a hub id, a folder or a checkpoint file)."""
-    return model if model in ("toy", "tiny") else "sd"
+    """'toy', 'tiny' or 'sd'. A folder the toy-world training script wrote is ``toy``; any other name (a hub
+    id, a folder or a checkpoint file) is ``sd``."""
+    if model in ("toy", "tiny"):
+        return model
+    return "toy" if toy_run_folder(model) is not None else "sd"
 
 
 def resolve(model: str | None = None, clip: str | None = None, *, warn: bool = True) -> tuple[Profile, str, str]:
@@ -235,6 +250,10 @@ def resolve(model: str | None = None, clip: str | None = None, *, warn: bool = T
             print(f"note: model {model!r} uses the {chosen.name!r} profile's settings and CLIP "
                   f"(the active profile {active.name!r} is for {active.family} models; "
                   f"set {ENV_PROFILE}={chosen.name} to silence this)", file=sys.stderr)
+    if clip is None and model != chosen.model:
+        run = toy_run_folder(model)  # a trained toy world brings its own CLIP
+        if run is not None and (run / "clip" / "config.json").is_file():
+            clip = str(run / "clip")
     return chosen, model, clip or chosen.clip
 
 

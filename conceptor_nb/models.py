@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import data_dir
+from .config import data_dir, toy_run_folder
 from .tiny import clip_tokenizer
 from .errors import ModelNotFoundError
 
@@ -226,12 +226,15 @@ def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | N
                                                            requires_safety_checker=False, tokenizer=clip_tokenizer())
     elif name.lower().endswith(SINGLE_FILE_SUFFIXES) and not Path(name).is_dir():
         pipe = load_single_file(name, dtype, config)
+    elif (run := toy_run_folder(name)) is not None:  # a toy world trained by conceptor_nb.toyworld.train
+        pipe = _from_pretrained(str(run / "pipeline"), dtype, device,
+                                tokenizer=None if (run / "pipeline" / "tokenizer").is_dir() else clip_tokenizer())
     else:
         pipe = _from_pretrained(name, dtype, device)
     return prepare_pipeline(pipe, name, device, dtype)
 
 
-def _from_pretrained(name: str, dtype: torch.dtype, device: torch.device):
+def _from_pretrained(name: str, dtype: torch.dtype, device: torch.device, tokenizer=None):
     import diffusers
 
     folder = _resolve_folder(name)
@@ -253,6 +256,8 @@ def _from_pretrained(name: str, dtype: torch.dtype, device: torch.device):
             f"supported: {', '.join(PIPELINES)} (Stable Diffusion 1.x, 2.x and SDXL)")
     cls = getattr(diffusers, PIPELINES[cls_name])
     kw = dict(**dtype_kw(dtype), variant=variant)
+    if tokenizer is not None:
+        kw["tokenizer"] = tokenizer
     if cls_name == "StableDiffusionPipeline":
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:

@@ -47,6 +47,32 @@ def test_the_model_picks_its_profile(monkeypatch, capsys, env, model, expect_pro
     assert noted == (model is not None and PROFILES[env].family != prof.family)
 
 
+def test_a_folder_the_toy_training_script_wrote_is_a_toy_model(monkeypatch, capsys, tmp_path, tiny_pipe, tiny_clip):
+    """`conceptor decompose --model runs/C` on a trained toy world gets the toy profile and the run's own CLIP,
+    not Stable Diffusion's sizes and CLIP; a plain pipeline folder stays Stable Diffusion."""
+    import torch
+
+    from conceptor_nb import load_pipeline
+
+    run = tmp_path / "runs" / "C"
+    tiny_pipe.save_pretrained(run / "pipeline", safe_serialization=True)
+    tiny_clip.model.save_pretrained(run / "clip", safe_serialization=True)
+    tiny_clip.tokenizer.save_pretrained(run / "clip")
+    monkeypatch.setenv("CONCEPTOR_PROFILE", "ci")
+    assert resolve(str(run / "pipeline"), warn=False)[0].family == "sd"  # no train_config.json: not a toy run
+    (run / "train_config.json").write_text(json.dumps({"mode": "diffusion"}))
+    for model in (str(run), str(run / "pipeline")):
+        prof, name, clip = resolve(model)
+        assert (prof.name, name, clip) == ("ci", model, str(run / "clip"))
+        assert "note:" not in capsys.readouterr().err
+    pipe = load_pipeline(str(run), device="cpu", dtype=torch.float32)
+    assert pipe.unet.config.sample_size == tiny_pipe.unet.config.sample_size
+    assert torch.equal(pipe.unet.conv_in.weight, tiny_pipe.unet.conv_in.weight.float())
+    monkeypatch.setenv("CONCEPTOR_PROFILE", "sd")
+    assert resolve(str(run), "my/clip", warn=False)[0].name == "toy"  # the toy family's profile
+    assert resolve(str(run), "my/clip", warn=False)[2] == "my/clip"
+
+
 def test_a_named_clip_wins(monkeypatch):
     monkeypatch.setenv("CONCEPTOR_PROFILE", "toy")
     assert resolve("stabilityai/stable-diffusion-2-1-base", "my/clip", warn=False)[2] == "my/clip"
