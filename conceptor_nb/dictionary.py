@@ -188,7 +188,7 @@ def prefix_cached_text_features(model, prefix: list[int], suffixes: torch.Tensor
     dtype = tm.embeddings.token_embedding.weight.dtype
     cdt = compute_dtype or dtype
     suf_ids = suffixes.to(device)
-    n, p, s = len(suf_ids), len(prefix), suf_ids.shape[1]
+    p, s = len(prefix), suf_ids.shape[1]
     pos = tm.embeddings.position_embedding.weight
     prefix_kv = prefix_kv if prefix_kv is not None else prefix_keys_values(model, prefix)
     h = tm.embeddings.token_embedding(suf_ids) + pos[p : p + s]

@@ -347,6 +347,14 @@ def load_single_file(path: str, dtype: torch.dtype, config: str | None = None):
                 f"config={config!r} for checkpoint {file} is neither a pipeline folder nor a hub id in the cache "
                 f"({_hub_cache()}); pass a folder holding model_index.json and the components' config files")
     cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
+    index = folder / "model_index.json"
+    declared = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if declared in PIPELINES and PIPELINES[declared] != cls.__name__:
+        # the file's weights and the configs' pipeline disagree: loading would fail deep inside diffusers
+        raise ModelNotFoundError(
+            f"checkpoint {file} holds {'an SDXL' if xl else 'a Stable Diffusion 1.x/2.x'} model ({kind!r} by its "
+            f"keys), but the configs in {folder} are for a {declared}; pass config=<a pipeline folder or hub id "
+            f"of the checkpoint's own kind>")
     kw = dict(add_watermarker=False) if xl else dict(safety_checker=None, requires_safety_checker=False)
     try:
         with quiet_loading():

@@ -239,6 +239,23 @@ def test_a_single_file_gets_the_configs_of_its_kind_from_the_local_cache(offline
     assert pipe.conceptor_model == str(file)
 
 
+@pytest.mark.parametrize("key,width,config", [
+    ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", 768, fakehub.SDXL),
+    ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", None, fakehub.SD15),
+])
+def test_a_single_file_with_configs_of_another_kind_is_refused_clearly(offline_home, tmp_path, key, width, config):
+    """An SD 1.x file with SDXL configs (or the reverse) is named as such before diffusers fails inside."""
+    from safetensors.torch import save_file
+
+    offline_home(config)
+    tensors = {"model.diffusion_model.out.2.bias": torch.zeros(4),
+               key: torch.zeros(320, width) if width else torch.zeros(4)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ModelNotFoundError, match="configs in .* are for a StableDiffusion") as err:
+        load_pipeline(str(tmp_path / "model.safetensors"), device="cpu", config=config)
+    assert ("an SDXL model" in str(err.value)) == (config == fakehub.SD15)
+
+
 @pytest.mark.parametrize("repo,config", [(fakehub.SD15, None), (fakehub.SD21_BASE, fakehub.SD21_BASE),
                                          (fakehub.SDXL, None)])
 def test_a_real_single_file_loads_every_weight_and_generates_as_its_pipeline(offline_home, tmp_path, repo, config):
