@@ -266,7 +266,10 @@ def test_report_markdown_and_readme_section(spec, tmp_path):
              2.0: {"fruit": {"generated": {"apple": 0.7, "lemon": 0.08, "other": 0.22}, "spec": {"apple": 0.6, "lemon": 0.4}}}}
     fd = fidelity(table, spec, guidance=2.0)
     assert fd["ok_at_1"] and not fd["ok_at_guidance"] and fd["min_share_at_guidance"]["fruit"] == pytest.approx(0.08)
-    rep = {"settings": {"k": 5, "top": 10}, "runs": {"fruit": [row, dict(row, seed=1)]},
+    missed = dict(row, seed=1, concept_images={"apple": 0.62, "lemon": 0.31, "other": 0.07},
+                  miss_checks=[{"word": "lemon", "in_dictionary": True, "rank": 7, "coefficient": 0.05, "loss_fit": 0.0181,
+                                "diff": 0.00005, "diff_se": 0.00002, "objective_prefers_fit": True}])
+    rep = {"settings": {"k": 5, "top": 10}, "runs": {"fruit": [row, missed]},
            "summary": {"recall@5_spec_mean": 1.0, "recall@5_drawn_mean": 1.0, "recall@5_drawn_all_perfect": True,
                        "not_world_in_top5_per_decomposition": 0.0, "stability_top10": {"fruit": 1.0},
                        "chance_top10": {"fruit": 0.5}, "stability_top10_mean": 1.0, "chance_top10_mean": 0.5},
@@ -274,6 +277,7 @@ def test_report_markdown_and_readme_section(spec, tmp_path):
     md = report_markdown(rep, spec)
     assert "| fruit | 0 | apple 0.30, lemon 0.20 | 100% | 100% (apple, lemon) | - |" in md
     assert "| fruit | 1.00 | 0.50 |" in md
+    assert "| fruit | 1 | lemon | 7 | 31% | 18.10 | +0.050 ± 0.020 | yes |" in md
     readme = tmp_path / "README.md"
     readme.write_text("# title\n")
     write_readme_section(readme, "first")
@@ -382,3 +386,27 @@ def test_loss_by_timestep_is_the_fits_loss_per_noise_band(spec):
     d = timestep_diagnostic(pipe, spec, "fruit", images, bins=4, repeats=2)
     assert set(d["losses"]) == {"the word 'fruit'", "the spec's mixture", f"the filler '{spec.filler_word}'"}
     assert d["first_semantic_band"] is None or 0 <= d["first_semantic_band"] < 4
+
+
+def test_miss_check_tells_a_wrong_word_from_a_right_one(spec):
+    """On true images of a yellow circle (the world's renderer), promoting "fish" into a fit's 2nd place
+    reconstructs them worse by many standard errors; "promoting" a token already in 2nd place changes nothing
+    (the paired difference is exactly 0); a word outside the dictionary is reported as such."""
+    from conceptor_nb import load_pipeline
+    from conceptor_nb.conceptor import Decomposition, vocab_norm
+    from conceptor_nb.config import settings
+    from conceptor_nb.toyworld.evaluate import miss_check
+    from conceptor_nb.toyworld.render import render_word
+
+    pipe = load_pipeline("toy", device="cpu", dtype=torch.float32)
+    images = torch.from_numpy(render_word(spec, "yellow circle", 12, seed=5)).float()
+    words = ["yellow", "circle", "square", "purple", "fish"]
+    ids = [pipe.tokenizer(w, add_special_tokens=False).input_ids[0] for w in words]
+    dec = Decomposition("sun", [w + "</w>" for w in words], ids, [0.5, 0.4, 0.05, 0.03, 0.02], 5, vocab_norm(pipe),
+                        settings=settings("toy"))
+    wrong = miss_check(pipe, dec, images, "fish", k=2, repeats=4)
+    assert wrong["rank"] == 5 and wrong["samples"] == 48
+    assert wrong["diff"] > 4 * wrong["diff_se"] > 0 and wrong["objective_prefers_fit"], wrong
+    same = miss_check(pipe, dec, images, "circle", k=2, repeats=2)
+    assert same["diff"] == 0.0 and not same["objective_prefers_fit"]
+    assert miss_check(pipe, dec, images, "lemon", k=2) == {"word": "lemon", "in_dictionary": False}

@@ -389,6 +389,64 @@ def loss_by_timestep(pipe, images: torch.Tensor, vectors: dict, *, template: str
     return out
 
 
+@torch.no_grad()
+def paired_loss(pipe, images: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, template: str = "a photo of a {}",
+                min_timestep: float = 0.0, repeats: int = 20, seed: int = 321) -> dict:
+    """The fit's reconstruction loss on ``images`` with pseudo-token ``a`` and with ``b``, on the same noise and
+    timesteps (t uniform on the fit's range, ``[min_timestep, 1)`` of the schedule): both means, and the mean
+    and standard error of the per-sample difference ``b - a`` (paired, so far tighter than either mean)."""
+    from diffusers import DDPMScheduler
+
+    from ..conceptor import diffusion_loss, encode_latents
+    from ..inject import template_prompt, tokenize
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    ac, n_t = sched.alphas_cumprod, sched.config.num_train_timesteps
+    lat = encode_latents(pipe, images).float()
+    ids = tokenize(pipe.tokenizer, template_prompt(template))
+    gen = torch.Generator().manual_seed(seed)
+    la, lb = [], []
+    for _ in range(repeats):
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(int(min_timestep * n_t), n_t, (len(lat),), generator=gen)
+        for w, acc in ((a, la), (b, lb)):
+            acc.append(diffusion_loss(pipe, w, lat, noise, t, ids, template, sched.config.prediction_type, ac,
+                                      reduction="none"))
+    la, lb = torch.cat(la), torch.cat(lb)
+    d = lb - la
+    return {"a": float(la.mean()), "b": float(lb.mean()), "diff": float(d.mean()),
+            "diff_se": float(d.std() / len(d) ** 0.5), "samples": len(d)}
+
+
+def miss_check(pipe, dec, images: torch.Tensor, word: str, *, k: int = 5, repeats: int = 20) -> dict:
+    """Why did a drawn constituent miss the top ``k``: the optimiser, or the objective? Compares the fit's
+    pseudo-token (its top ``n_tokens``) with the same pseudo-token where ``word`` gets the ``k``-th largest
+    coefficient (swapped with the token that held it; added with that coefficient if it was outside the top
+    ``n_tokens``), under the fit's own loss on the run's concept images (its noise range, paired noise).
+    ``objective_prefers_fit``: the promoted pseudo-token reconstructs the images worse, by more than two
+    standard errors, so no better optimisation of this objective would rank ``word`` higher."""
+    from ..conceptor import combine
+    from ..inject import token_embeddings
+
+    words = [_clean(x) for x in dec.tokens]
+    if word not in words:
+        return {"word": word, "in_dictionary": False}
+    j, n = words.index(word), dec.n_tokens
+    ids, coef = list(dec.token_ids[:n]), [float(c) for c in dec.coefficients[:n]]
+    promoted_ids, promoted = list(ids), list(coef)
+    if j < n:
+        promoted[j], promoted[k - 1] = coef[k - 1], coef[j]
+    else:
+        promoted_ids.append(dec.token_ids[j])
+        promoted.append(coef[k - 1])
+    vec = lambda i, c: combine(torch.tensor(c, dtype=torch.float32), token_embeddings(pipe, i), dec.norm)
+    r = paired_loss(pipe, images, vec(ids, coef), vec(promoted_ids, promoted), template=dec.template,
+                    min_timestep=dec.settings.min_timestep, repeats=repeats)
+    return {"word": word, "in_dictionary": True, "rank": j + 1, "coefficient": round(float(dec.coefficients[j]), 4),
+            "loss_fit": r["a"], "loss_promoted": r["b"], "diff": r["diff"], "diff_se": r["diff_se"],
+            "samples": r["samples"], "objective_prefers_fit": r["diff"] > 2 * r["diff_se"]}
+
+
 def timestep_diagnostic(pipe, spec: Spec, concept: str, images: torch.Tensor, *, template: str = "a photo of a {}",
                         bins: int = 10, repeats: int = 20) -> dict:
     """Is the diffusion loss semantic at every noise level? On ``images`` of ``concept``: the loss of the
@@ -445,14 +503,15 @@ def fidelity_of(table: dict, spec: Spec, guidance: float) -> dict:
 def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=None, concepts=None, k: int = 5,
                          top: int = 10, min_share: float = 0.10, render_n: int | None = None, null_n: int = 32,
                          guidances=(1.0, 2.0, 4.0, 7.5), guidance_n: int = 128, cache_dir=None, log=print,
-                         partial_path=None, diagnostic_seed: int | None = 7) -> dict:
+                         partial_path=None, diagnostic_seed: int | None = 7, miss_repeats: int = 20) -> dict:
     """Issue 11's measurements: per concept and run (a run's seed picks disjoint concept images, see
     :func:`conceptor_nb.images.image_seeds`) the top-``top`` tokens, recall@``k`` against the spec's
     constituents and against the drawn ones (shown in >= ``min_share`` of that run's concept images), the
     tokens outside the world's words in the top ``k`` (each rendered alone against the empty template),
     the oracle proportions of the concept images and of the pseudo-token's renders, top-``top`` stability
     across runs beside the chance overlap for the dictionary, and the guidance table. ``diagnostic_seed`` (a
-    run seed not among ``seeds``; None: skip): :func:`timestep_diagnostic` on that run's concept images."""
+    run seed not among ``seeds``; None: skip): :func:`timestep_diagnostic` on that run's concept images. Each
+    drawn constituent a run misses gets a :func:`miss_check` (``miss_repeats`` noise draws per image; 0: none)."""
     from ..config import settings as profile_settings
     from ..conceptor import decompose
 
@@ -485,6 +544,8 @@ def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=No
                 rend = dec.render(pipe, dec.seeds(n))
                 row["renders"] = mixture_proportions(pipe, spec, c, oracle=oracle, images=rend).generated
                 row["concept_images_first_n"] = mixture_proportions(pipe, spec, c, oracle=oracle, images=imgs[:n]).generated
+            if row["missing_drawn"] and miss_repeats:
+                row["miss_checks"] = [miss_check(pipe, dec, imgs, w, k=k, repeats=miss_repeats) for w in row["missing_drawn"]]
             row["seconds"] = round(time.time() - t, 1)
             out["runs"].setdefault(c, []).append(row)
             if log:
@@ -538,6 +599,22 @@ def report_markdown(rep: dict, spec: Spec) -> str:
     for c in rep["runs"]:
         lines.append(f"| {c} | {sm[f'stability_top{top}'][c]:.2f} | {sm[f'chance_top{top}'][c]:.2f} |")
     lines.append(f"| mean | {sm[f'stability_top{top}_mean']:.2f} | {sm[f'chance_top{top}_mean']:.2f} |")
+    checks = [(c, r, m) for c, rows in rep["runs"].items() for r in rows for m in r.get("miss_checks", [])]
+    if checks:
+        lines += ["", f"Drawn constituents missing from a top {k}: would the fit's own objective rank them higher? The fit's "
+                  f"pseudo-token against the same one with the token given the {k}th largest coefficient, under the fit's "
+                  "loss on that run's concept images (same noise; difference x 1000 with its standard error; positive: "
+                  "promoting the token reconstructs the images worse):", "",
+                  "| concept | run | token | rank | share of the run's images | loss x 1000, fit | promoted - fit | "
+                  "the objective prefers the fit |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c, r, m in checks:
+            if not m["in_dictionary"]:
+                lines.append(f"| {c} | {r['seed']} | {m['word']} | not in the dictionary | | | | |")
+                continue
+            share = _pct(constituent_shares(spec, c, r["concept_images"]).get(m["word"], float("nan")))
+            lines.append(f"| {c} | {r['seed']} | {m['word']} | {m['rank']} | {share} | {1000 * m['loss_fit']:.2f} | "
+                         f"{1000 * m['diff']:+.3f} ± {1000 * m['diff_se']:.3f} | "
+                         f"{'yes' if m['objective_prefers_fit'] else 'no'} |")
     if rep.get("timestep_diagnostic"):
         td = rep["timestep_diagnostic"]
         bins = next(iter(td["concepts"].values()))["bins"]
@@ -697,6 +774,8 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="cache folder for concept images and dictionaries")
     p.add_argument("--diagnostic-seed", type=int, default=7,
                    help="run seed of the held-out images of the loss-by-noise-level diagnostic (-1: skip)")
+    p.add_argument("--miss-repeats", type=int, default=20,
+                   help="noise draws per image of the check of each missed drawn constituent (0: no check)")
     p.add_argument("--readme", default=None, help="write the Markdown into this README between the evaluate markers")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -716,7 +795,8 @@ def main(argv=None):
                                    concepts=a.concepts.split(",") if a.concepts else None, render_n=a.render_n,
                                    guidances=gs, guidance_n=a.guidance_n, cache_dir=a.cache,
                                    partial_path=a.out + ".partial" if a.out else None,
-                                   diagnostic_seed=None if a.diagnostic_seed < 0 else a.diagnostic_seed)
+                                   diagnostic_seed=None if a.diagnostic_seed < 0 else a.diagnostic_seed,
+                                   miss_repeats=a.miss_repeats)
         md = report_markdown(rep, spec)
         print(md)
         if a.readme:
