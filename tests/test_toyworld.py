@@ -268,7 +268,7 @@ def test_report_markdown_and_readme_section(spec, tmp_path):
     assert fd["ok_at_1"] and not fd["ok_at_guidance"] and fd["min_share_at_guidance"]["fruit"] == pytest.approx(0.08)
     missed = dict(row, seed=1, concept_images={"apple": 0.62, "lemon": 0.31, "other": 0.07},
                   miss_checks=[{"word": "lemon", "in_dictionary": True, "rank": 7, "coefficient": 0.05, "loss_fit": 0.0181,
-                                "diff": 0.00005, "diff_se": 0.00002, "objective_prefers_fit": True}])
+                                "diff": 0.00005, "diff_se": 0.00002, "verdict": "fit"}])
     rep = {"settings": {"k": 5, "top": 10}, "runs": {"fruit": [row, missed]},
            "summary": {"recall@5_spec_mean": 1.0, "recall@5_drawn_mean": 1.0, "recall@5_drawn_all_perfect": True,
                        "not_world_in_top5_per_decomposition": 0.0, "stability_top10": {"fruit": 1.0},
@@ -277,7 +277,7 @@ def test_report_markdown_and_readme_section(spec, tmp_path):
     md = report_markdown(rep, spec)
     assert "| fruit | 0 | apple 0.30, lemon 0.20 | 100% | 100% (apple, lemon) | - |" in md
     assert "| fruit | 1.00 | 0.50 |" in md
-    assert "| fruit | 1 | lemon | 7 | 31% | 18.10 | +0.050 ± 0.020 | yes |" in md
+    assert "| fruit | 1 | lemon | 7 | 31% | 18.10 | +0.0500 ± 0.0200 | fit |" in md
     readme = tmp_path / "README.md"
     readme.write_text("# title\n")
     write_readme_section(readme, "first")
@@ -406,7 +406,10 @@ def test_miss_check_tells_a_wrong_word_from_a_right_one(spec):
                         settings=settings("toy"))
     wrong = miss_check(pipe, dec, images, "fish", k=2, repeats=4)
     assert wrong["rank"] == 5 and wrong["samples"] == 48
-    assert wrong["diff"] > 4 * wrong["diff_se"] > 0 and wrong["objective_prefers_fit"], wrong
+    assert wrong["diff"] > 4 * wrong["diff_se"] > 0 and wrong["verdict"] == "fit", wrong
     same = miss_check(pipe, dec, images, "circle", k=2, repeats=2)
-    assert same["diff"] == 0.0 and not same["objective_prefers_fit"]
+    assert same["diff"] == 0.0 and same["verdict"] == "indifferent"
+    bad = Decomposition("sun", [w + "</w>" for w in words[::-1]], ids[::-1], [0.5, 0.4, 0.05, 0.03, 0.02], 5,
+                        vocab_norm(pipe), settings=settings("toy"))  # a fit that ranked the right words last
+    assert miss_check(pipe, bad, images, "yellow", k=2, repeats=4)["verdict"] == "promoted"
     assert miss_check(pipe, dec, images, "lemon", k=2) == {"word": "lemon", "in_dictionary": False}

@@ -423,8 +423,10 @@ def miss_check(pipe, dec, images: torch.Tensor, word: str, *, k: int = 5, repeat
     pseudo-token (its top ``n_tokens``) with the same pseudo-token where ``word`` gets the ``k``-th largest
     coefficient (swapped with the token that held it; added with that coefficient if it was outside the top
     ``n_tokens``), under the fit's own loss on the run's concept images (its noise range, paired noise).
-    ``objective_prefers_fit``: the promoted pseudo-token reconstructs the images worse, by more than two
-    standard errors, so no better optimisation of this objective would rank ``word`` higher."""
+    ``verdict``: ``"fit"`` when the promoted pseudo-token reconstructs the images worse by more than two standard
+    errors (no better optimisation of this objective would rank ``word`` higher: the miss is the objective's, on
+    this model), ``"promoted"`` when it reconstructs them better by as much (the optimiser missed it), else
+    ``"indifferent"`` (the objective cannot tell the two apart on these images)."""
     from ..conceptor import combine
     from ..inject import token_embeddings
 
@@ -444,7 +446,8 @@ def miss_check(pipe, dec, images: torch.Tensor, word: str, *, k: int = 5, repeat
                     min_timestep=dec.settings.min_timestep, repeats=repeats)
     return {"word": word, "in_dictionary": True, "rank": j + 1, "coefficient": round(float(dec.coefficients[j]), 4),
             "loss_fit": r["a"], "loss_promoted": r["b"], "diff": r["diff"], "diff_se": r["diff_se"],
-            "samples": r["samples"], "objective_prefers_fit": r["diff"] > 2 * r["diff_se"]}
+            "samples": r["samples"], "verdict": "fit" if r["diff"] > 2 * r["diff_se"] else
+            "promoted" if r["diff"] < -2 * r["diff_se"] else "indifferent"}
 
 
 def timestep_diagnostic(pipe, spec: Spec, concept: str, images: torch.Tensor, *, template: str = "a photo of a {}",
@@ -604,17 +607,17 @@ def report_markdown(rep: dict, spec: Spec) -> str:
         lines += ["", f"Drawn constituents missing from a top {k}: would the fit's own objective rank them higher? The fit's "
                   f"pseudo-token against the same one with the token given the {k}th largest coefficient, under the fit's "
                   "loss on that run's concept images (same noise; difference x 1000 with its standard error; positive: "
-                  "promoting the token reconstructs the images worse):", "",
+                  "promoting the token reconstructs the images worse; the objective prefers whichever is better by more "
+                  "than two standard errors):", "",
                   "| concept | run | token | rank | share of the run's images | loss x 1000, fit | promoted - fit | "
-                  "the objective prefers the fit |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "the objective prefers |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c, r, m in checks:
             if not m["in_dictionary"]:
                 lines.append(f"| {c} | {r['seed']} | {m['word']} | not in the dictionary | | | | |")
                 continue
             share = _pct(constituent_shares(spec, c, r["concept_images"]).get(m["word"], float("nan")))
             lines.append(f"| {c} | {r['seed']} | {m['word']} | {m['rank']} | {share} | {1000 * m['loss_fit']:.2f} | "
-                         f"{1000 * m['diff']:+.3f} ± {1000 * m['diff_se']:.3f} | "
-                         f"{'yes' if m['objective_prefers_fit'] else 'no'} |")
+                         f"{1000 * m['diff']:+.4f} ± {1000 * m['diff_se']:.4f} | {m['verdict']} |")
     if rep.get("timestep_diagnostic"):
         td = rep["timestep_diagnostic"]
         bins = next(iter(td["concepts"].values()))["bins"]
