@@ -357,21 +357,28 @@ def null_test(pipe, spec: Spec, token: str, n: int = 32, seed: int = 0, *, oracl
             "token_readings": dict(ra.most_common(4)), "empty_readings": dict(rb.most_common(4))}
 
 
+def _loss_inputs(pipe, images: torch.Tensor, template: str):
+    """What the fit's loss needs, once per image set: (alphas_cumprod, number of timesteps, prediction type,
+    latents of ``images``, the template's token ids)."""
+    from diffusers import DDPMScheduler
+
+    from ..conceptor import encode_latents
+    from ..inject import template_prompt, tokenize
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    return (sched.alphas_cumprod, sched.config.num_train_timesteps, sched.config.prediction_type,
+            encode_latents(pipe, images).float(), tokenize(pipe.tokenizer, template_prompt(template)))
+
+
 def loss_by_timestep(pipe, images: torch.Tensor, vectors: dict, *, template: str = "a photo of a {}", bins: int = 10,
                      repeats: int = 20, seed: int = 123) -> dict:
     """The fit's reconstruction loss (the diffusion loss, epsilon or v) on ``images`` with each pseudo-token of
     ``vectors`` (``{name: vector}``) in ``template``, per band of noise levels: ``{name: [mean loss of band
     0 (t near 0), ..., band bins-1]}``, plus ``"all"``: the mean over uniform t, what the fit minimises.
     Every vector sees the same noise and timesteps (``repeats`` draws per image)."""
-    from diffusers import DDPMScheduler
+    from ..conceptor import diffusion_loss
 
-    from ..conceptor import diffusion_loss, encode_latents
-    from ..inject import template_prompt, tokenize
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    ac, n_t = sched.alphas_cumprod, sched.config.num_train_timesteps
-    lat = encode_latents(pipe, images).float()
-    ids = tokenize(pipe.tokenizer, template_prompt(template))
+    ac, n_t, prediction, lat, ids = _loss_inputs(pipe, images, template)
     gen = torch.Generator().manual_seed(seed)
     draws = [(torch.randn(lat.shape, generator=gen), torch.randint(0, n_t, (len(lat),), generator=gen)) for _ in range(repeats)]
     out = {}
@@ -379,7 +386,7 @@ def loss_by_timestep(pipe, images: torch.Tensor, vectors: dict, *, template: str
         per, cnt, total = torch.zeros(bins), torch.zeros(bins), 0.0
         with torch.no_grad():
             for noise, tt in draws:
-                loss = diffusion_loss(pipe, w, lat, noise, tt, ids, template, sched.config.prediction_type, ac,
+                loss = diffusion_loss(pipe, w, lat, noise, tt, ids, template, prediction, ac,
                                       reduction="none")  # the fit's own loss, per image
                 band = (tt * bins // n_t).clamp(max=bins - 1)
                 per.index_add_(0, band, loss)
@@ -395,22 +402,16 @@ def paired_loss(pipe, images: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
     """The fit's reconstruction loss on ``images`` with pseudo-token ``a`` and with ``b``, on the same noise and
     timesteps (t uniform on the fit's range, ``[min_timestep, 1)`` of the schedule): both means, and the mean
     and standard error of the per-sample difference ``b - a`` (paired, so far tighter than either mean)."""
-    from diffusers import DDPMScheduler
+    from ..conceptor import diffusion_loss
 
-    from ..conceptor import diffusion_loss, encode_latents
-    from ..inject import template_prompt, tokenize
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    ac, n_t = sched.alphas_cumprod, sched.config.num_train_timesteps
-    lat = encode_latents(pipe, images).float()
-    ids = tokenize(pipe.tokenizer, template_prompt(template))
+    ac, n_t, prediction, lat, ids = _loss_inputs(pipe, images, template)
     gen = torch.Generator().manual_seed(seed)
     la, lb = [], []
     for _ in range(repeats):
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(int(min_timestep * n_t), n_t, (len(lat),), generator=gen)
         for w, acc in ((a, la), (b, lb)):
-            acc.append(diffusion_loss(pipe, w, lat, noise, t, ids, template, sched.config.prediction_type, ac,
+            acc.append(diffusion_loss(pipe, w, lat, noise, t, ids, template, prediction, ac,
                                       reduction="none"))
     la, lb = torch.cat(la), torch.cat(lb)
     d = lb - la
@@ -441,8 +442,8 @@ def miss_check(pipe, dec, images: torch.Tensor, word: str, *, k: int = 5, repeat
     else:
         promoted_ids.append(dec.token_ids[j])
         promoted.append(coef[k - 1])
-    vec = lambda i, c: combine(torch.tensor(c, dtype=torch.float32), token_embeddings(pipe, i), dec.norm)
-    r = paired_loss(pipe, images, vec(ids, coef), vec(promoted_ids, promoted), template=dec.template,
+    promoted_vector = combine(torch.tensor(promoted, dtype=torch.float32), token_embeddings(pipe, promoted_ids), dec.norm)
+    r = paired_loss(pipe, images, dec.vector(pipe), promoted_vector, template=dec.template,
                     min_timestep=dec.settings.min_timestep, repeats=repeats)
     return {"word": word, "in_dictionary": True, "rank": j + 1, "coefficient": round(float(dec.coefficients[j]), 4),
             "loss_fit": r["a"], "loss_promoted": r["b"], "diff": r["diff"], "diff_se": r["diff_se"],
