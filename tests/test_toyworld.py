@@ -244,6 +244,63 @@ def test_constituent_shares_and_drawn(spec):
     assert drawn_constituents(spec, "doctor", gen, min_share=0.05) == ["person", "blue", "red"]
 
 
+def test_mixture_names_what_the_other_images_show(spec):
+    from conceptor_nb.toyworld.evaluate import mixture_proportions
+
+    imgs = torch.from_numpy(np.concatenate([render_word(spec, "sun", 6, seed=2), render_word(spec, "orange circle", 3, seed=3),
+                                            render_word(spec, "yellow triangle", 3, seed=4)]))
+    m = mixture_proportions(None, spec, "sun", images=imgs)
+    assert m.generated == pytest.approx({"yellow circle": 0.5, "other": 0.5})
+    assert m.other == pytest.approx({"orange circle": 0.25, "yellow triangle": 0.25})
+    assert m.as_dict()["other"] == m.other
+
+
+def _fake_generate(recolour=None):
+    """A stand-in for the model: draws exactly what the prompt says (with ``recolour``, that colour instead)."""
+    def generate(pipe, prompt, n, seed, **kw):
+        words = prompt.removeprefix("a photo of a ").split()
+        if recolour:
+            words = [recolour if w in SPEC_COLOURS else w for w in words]
+        return torch.from_numpy(render_word(load_spec(), words, n, seed))
+    return generate
+
+
+SPEC_COLOURS = set(load_spec().colour_words)
+
+
+def test_word_fidelity_counts_colour_and_shape_apart(spec, monkeypatch):
+    from conceptor_nb.toyworld import evaluate
+
+    monkeypatch.setattr(evaluate, "generate", _fake_generate())
+    wf = evaluate.word_fidelity(None, spec, (1.0, 2.0), n=3)
+    assert list(wf) == ["1.0", "2.0"]
+    assert set(wf["1.0"]["words"]) == set(spec.colour_words + spec.shape_words + spec.object_words)
+    assert len(wf["1.0"]["pairs"]) == len(spec.colour_words) * len(spec.shape_words)
+    assert all(v == 1.0 for v in wf["1.0"]["words"].values())
+    assert all(v == {"both": 1.0, "colour": 1.0, "glyph": 1.0} for v in wf["2.0"]["pairs"].values())
+    # a model that draws every colour word as purple: shapes right, colours right only for purple
+    monkeypatch.setattr(evaluate, "generate", _fake_generate(recolour="purple"))
+    wf = evaluate.word_fidelity(None, spec, (1.0,), n=3)["1.0"]
+    assert wf["pairs"]["red circle"] == {"both": 0.0, "colour": 0.0, "glyph": 1.0}
+    assert wf["pairs"]["purple cross"] == {"both": 1.0, "colour": 1.0, "glyph": 1.0}
+    assert wf["words"]["red"] == 0.0 and wf["words"]["circle"] == 1.0
+
+
+def test_summary_has_top_k_stability_beside_top_10():
+    from conceptor_nb.toyworld.evaluate import summarise
+
+    def row(words):
+        return {"top": [[w, 0.1] for w in words], "dictionary_size": 20, "recall@5_spec": 1.0, "recall@5_drawn": 1.0,
+                "not_world_in_top": []}
+
+    a = list("abcdefghij")
+    b = list("abcxyfghij")  # two of the top 5 differ, the same two of the top 10
+    sm = summarise({"c": [row(a), row(b)]}, k=5, top=10)
+    assert sm["stability_top10"]["c"] == pytest.approx(0.8)
+    assert sm["stability_top5"]["c"] == pytest.approx(0.6)
+    assert sm["stability_top5_mean"] == pytest.approx(0.6)
+
+
 def test_overlap_and_chance():
     from conceptor_nb.toyworld.evaluate import chance_overlap, top_overlap
 
@@ -273,8 +330,15 @@ def test_report_markdown_and_readme_section(spec, tmp_path):
            "summary": {"recall@5_spec_mean": 1.0, "recall@5_drawn_mean": 1.0, "recall@5_drawn_all_perfect": True,
                        "not_world_in_top5_per_decomposition": 0.0, "stability_top10": {"fruit": 1.0},
                        "chance_top10": {"fruit": 0.5}, "stability_top10_mean": 1.0, "chance_top10_mean": 0.5},
-           "guidance_table": {"1.0": {"fruit": table[1.0]["fruit"]["generated"]}}, "fidelity": fd}
+           "guidance_table": {"1.0": {"fruit": table[1.0]["fruit"]["generated"]}}, "fidelity": fd,
+           "guidance_other": {"1.0": {"fruit": {"red circle": 0.06, "orange circle": 0.04}}},
+           "word_fidelity": {"1.0": {"words": {"red": 0.5, "apple": 1.0},
+                                     "pairs": {"red circle": {"both": 0.25, "colour": 0.5, "glyph": 0.75},
+                                               "blue circle": {"both": 0.75, "colour": 1.0, "glyph": 0.75}}}}}
     md = report_markdown(rep, spec)
+    assert "| fruit | 10% | red circle 6% | orange circle 4% |  |" in md
+    assert "| red | 50% | 25% |" in md and "| apple | 100% | - |" in md
+    assert "| all pairs: both right |  | 50% |" in md and "| all pairs: shape right |  | 75% |" in md
     assert "| fruit | 0 | apple 0.30, lemon 0.20 | 100% | 100% (apple, lemon) | - |" in md
     assert "| fruit | 1.00 | 0.50 |" in md
     assert "| fruit | 1 | lemon | 7 | 31% | 18.10 | +0.0500 ± 0.0200 | fit |" in md
@@ -369,6 +433,29 @@ def test_evaluate_set_overrides_are_typed_by_the_settings():
     for bad in (["n_val"], ["no_such_setting=1"]):
         with pytest.raises(SystemExit, match="NAME=VALUE"):
             parse_overrides(bad)
+
+
+def test_evaluate_fidelity_alone_checks_a_model_without_decomposing(tmp_path, capsys):
+    """`evaluate --fidelity`: the guidance table, what its unresolved images show, and the plain words, at the
+    profile's sampler; the target-4 verdict when the profile's guidance is among the scales; no decompositions."""
+    from conceptor_nb.config import settings
+    from conceptor_nb.toyworld.evaluate import main
+
+    g = settings("toy").guidance
+    rep = main(["--fidelity", "--guidances", f"1,{g}", "--guidance-n", "2", "--word-n", "1", "--out", str(tmp_path / "f.json")])
+    saved = json.loads((tmp_path / "f.json").read_text())
+    assert "runs" not in saved and set(saved["guidance_table"]) == {"1.0", str(float(g))}
+    for rows in saved["guidance_table"].values():
+        for c, shares in rows.items():
+            assert sum(shares.values()) == pytest.approx(1.0)
+            other = saved["guidance_other"]["1.0"][c] if rows is saved["guidance_table"]["1.0"] else None
+            if other is not None:
+                assert sum(other.values()) == pytest.approx(shares["other"])
+    assert saved["fidelity"]["guidance"] == g and set(saved["word_fidelity"]) == {"1.0", str(float(g))}
+    assert saved["word_fidelity"]["1.0"]["n"] == 1
+    assert rep["word_fidelity"] == saved["word_fidelity"]
+    out = capsys.readouterr().out
+    assert "| all pairs: both right |" in out and "Fidelity: at guidance 1" in out
 
 
 def test_loss_by_timestep_is_the_fits_loss_per_noise_band(spec):

@@ -89,6 +89,36 @@ def word_accuracy(pipe, spec: Spec | None = None, words: list[str] | None = None
     return out
 
 
+def word_fidelity(pipe, spec: Spec | None = None, guidances=(1.0,), n: int = 32, seed: int = 0, *,
+                  oracle: Oracle | None = None, steps: int = 20, sampler: str = "dpm", log=None) -> dict:
+    """How faithfully the model draws the world's plain words, per guidance scale:
+    ``{guidance: {"n": n, "words": {word: share}, "pairs": {"red circle": {"both": .., "colour": .., "glyph": ..}}}}``.
+
+    ``words``: every colour, shape and object word alone ("a photo of a red"), the share of images that
+    show it; ``pairs``: every colour with every shape, the share that show both, the colour, the shape.
+    A model that draws its hidden concepts unfaithfully at some scale usually draws plain words badly
+    there too: this table says whether a concept's miss is the concept's or the model's."""
+    spec, oracle = _spec_oracle(spec, oracle)
+    out = {}
+    for g in guidances:
+        kw = dict(steps=steps, guidance=float(g), sampler=sampler)
+        words = word_accuracy(pipe, spec, spec.colour_words + spec.shape_words + spec.object_words, n, seed,
+                              oracle=oracle, **kw)
+        pairs = {}
+        for c in spec.colour_words:
+            for sh in spec.shape_words:
+                rd = generated_share(pipe, spec.prompt(c, sh), n, seed, spec=spec, oracle=oracle, **kw)["readings"]
+                glyph = [r.glyph == spec.glyph_of(sh) for r in rd]
+                colour = [r.colour == c for r in rd]
+                pairs[f"{c} {sh}"] = {"both": float(np.mean([a and b for a, b in zip(glyph, colour)])),
+                                      "colour": float(np.mean(colour)), "glyph": float(np.mean(glyph))}
+        out[str(float(g))] = {"n": n, "words": words, "pairs": pairs}
+        if log:
+            log(f"guidance {g:g}: plain words {np.mean(list(words.values())):.0%}, colour-shape pairs "
+                f"{np.mean([v['both'] for v in pairs.values()]):.0%}")
+    return out
+
+
 @dataclass
 class MixtureResult:
     concept: str
@@ -97,10 +127,11 @@ class MixtureResult:
     spec: dict  # component label -> weight
     generated: dict  # component label (or "other") -> share
     max_abs_diff: float
+    other: dict = field(default_factory=dict)  # what the "other" images show ("colour glyph" -> share of all images)
 
     def as_dict(self) -> dict:
         return {"concept": self.concept, "prompt": self.prompt, "n": self.n, "spec": self.spec,
-                "generated": self.generated, "max_abs_diff": self.max_abs_diff}
+                "generated": self.generated, "max_abs_diff": self.max_abs_diff, "other": self.other}
 
 
 def mixture_proportions(pipe, spec: Spec | None, concept: str, n: int = 32, seed: int = 0, *,
@@ -113,13 +144,22 @@ def mixture_proportions(pipe, spec: Spec | None, concept: str, n: int = 32, seed
     prompt = prompt or spec.prompt(concept)
     imgs = generate(pipe, prompt, n, seed, **gen_kw) if images is None else images
     rd = oracle(imgs)
-    idx = Counter(oracle.component_of(r, concept) for r in rd)
+    comp = [oracle.component_of(r, concept) for r in rd]
+    idx = Counter(comp)
     labels = [c.label for c in con.components]
     gen = {lab: idx.get(i, 0) / len(rd) for i, lab in enumerate(labels)}
     gen["other"] = idx.get(-1, 0) / len(rd)
     want = {lab: c.weight for lab, c in zip(labels, con.components)}
     diff = max(abs(gen[lab] - want[lab]) for lab in labels)
-    return MixtureResult(concept, prompt, len(rd), want, gen, diff)
+    other = Counter(reading_label(r) for r, i in zip(rd, comp) if i == -1)
+    return MixtureResult(concept, prompt, len(rd), want, gen, diff, {k: v / len(rd) for k, v in other.most_common()})
+
+
+def reading_label(r: Reading) -> str:
+    """An oracle reading as words: "orange circle", "blue lemon", "no glyph"."""
+    if r.glyph is None:
+        return "no glyph"
+    return f"{r.colour} {r.glyph}" if r.colour else r.glyph
 
 
 def guidance_table(pipe, spec: Spec | str | None = None, guidances=(1.0, 2.0, 4.0, 7.5), n: int = 128, seed: int = 0,
@@ -479,10 +519,15 @@ def timestep_diagnostic(pipe, spec: Spec, concept: str, images: torch.Tensor, *,
 def summarise(runs: dict, k: int = 5, top: int = 10) -> dict:
     """Means over the runs of :func:`decomposition_report` (``{concept: [row per run]}``), and each concept's
     top-``top`` stability (mean pairwise overlap across its runs) beside the chance overlap for its dictionary."""
-    stab, chance = {}, {}
+    stab, chance, stab_k = {}, {}, {}
     for c, rows in runs.items():
         pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]]
-        stab[c] = float(np.mean([top_overlap([w for w, _ in a["top"]], [w for w, _ in b["top"]]) for a, b in pairs])) if pairs else float("nan")
+
+        def mean_overlap(n):
+            return float(np.mean([top_overlap([w for w, _ in a["top"][:n]], [w for w, _ in b["top"][:n]])
+                                  for a, b in pairs])) if pairs else float("nan")
+
+        stab[c], stab_k[c] = mean_overlap(top), mean_overlap(k)
         chance[c] = float(np.mean([chance_overlap(top, r["dictionary_size"]) for r in rows]))
     allrows = [r for rows in runs.values() for r in rows]
     return {
@@ -493,6 +538,7 @@ def summarise(runs: dict, k: int = 5, top: int = 10) -> dict:
         f"not_world_in_top{k}_per_decomposition": float(np.mean([len(r["not_world_in_top"]) for r in allrows])),
         f"stability_top{top}": stab, f"chance_top{top}": chance,
         f"stability_top{top}_mean": float(np.nanmean(list(stab.values()))),
+        f"stability_top{k}": stab_k, f"stability_top{k}_mean": float(np.nanmean(list(stab_k.values()))),
         f"chance_top{top}_mean": float(np.mean(list(chance.values()))),
     }
 
@@ -507,7 +553,8 @@ def fidelity_of(table: dict, spec: Spec, guidance: float) -> dict:
 def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=None, concepts=None, k: int = 5,
                          top: int = 10, min_share: float = 0.10, render_n: int | None = None, null_n: int = 32,
                          guidances=(1.0, 2.0, 4.0, 7.5), guidance_n: int = 128, cache_dir=None, log=print,
-                         partial_path=None, diagnostic_seed: int | None = 7, miss_repeats: int = 20) -> dict:
+                         partial_path=None, diagnostic_seed: int | None = 7, miss_repeats: int = 20,
+                         word_n: int = 32) -> dict:
     """Issue 11's measurements: per concept and run (a run's seed picks disjoint concept images, see
     :func:`conceptor_nb.images.image_seeds`) the top-``top`` tokens, recall@``k`` against the spec's
     constituents and against the drawn ones (shown in >= ``min_share`` of that run's concept images), the
@@ -515,7 +562,8 @@ def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=No
     the oracle proportions of the concept images and of the pseudo-token's renders, top-``top`` stability
     across runs beside the chance overlap for the dictionary, and the guidance table. ``diagnostic_seed`` (a
     run seed not among ``seeds``; None: skip): :func:`timestep_diagnostic` on that run's concept images. Each
-    drawn constituent a run misses gets a :func:`miss_check` (``miss_repeats`` noise draws per image; 0: none)."""
+    drawn constituent a run misses gets a :func:`miss_check` (``miss_repeats`` noise draws per image; 0: none).
+    ``word_n`` images per prompt (0: skip): :func:`word_fidelity` at guidance 1 and the profile's guidance."""
     from ..config import settings as profile_settings
     from ..conceptor import decompose
 
@@ -572,12 +620,27 @@ def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=No
             imgs = concept_images(pipe, s.template.format(c), s.n_train, int(diagnostic_seed), steps=s.gen_steps,
                                   guidance=s.guidance, sampler=s.sampler, cache_dir=cache_dir, verbose=False)
             out["timestep_diagnostic"]["concepts"][c] = timestep_diagnostic(pipe, spec, c, imgs, template=s.template)
+    out.update(model_fidelity(pipe, spec, s, guidances, guidance_n, word_n, oracle=oracle, log=log))
+    return out
+
+
+def model_fidelity(pipe, spec: Spec, settings, guidances=(1.0, 2.0, 4.0, 7.5), n: int = 128, word_n: int = 32, *,
+                   oracle: Oracle | None = None, log=None) -> dict:
+    """What the model draws, with the profile's sampler and steps (``settings``): the guidance table of the hidden
+    concepts (``n`` images each; what the unresolved ones show; target 4's verdict when the profile's guidance is
+    among ``guidances``) and :func:`word_fidelity` at guidance 1 and the profile's (``word_n`` images per prompt;
+    0: skip). Without decompositions: the quick check of a retrained model (``evaluate --fidelity``)."""
+    spec, oracle = _spec_oracle(spec, oracle)
+    s, out = settings, {}
     if guidances:
-        out["guidance_table"] = {str(g): {c: r["generated"] for c, r in rows.items()}
-                                 for g, rows in guidance_table(pipe, spec, guidances, guidance_n, 0, oracle=oracle,
-                                                               steps=s.gen_steps, sampler=s.sampler).items()}
+        table = guidance_table(pipe, spec, guidances, n, 0, oracle=oracle, steps=s.gen_steps, sampler=s.sampler, log=log)
+        out["guidance_table"] = {str(g): {c: r["generated"] for c, r in rows.items()} for g, rows in table.items()}
+        out["guidance_other"] = {str(g): {c: r["other"] for c, r in rows.items()} for g, rows in table.items()}
         if float(s.guidance) in [float(g) for g in guidances]:
             out["fidelity"] = fidelity_of(out["guidance_table"], spec, float(s.guidance))
+    if word_n:
+        out["word_fidelity"] = word_fidelity(pipe, spec, sorted({1.0, float(s.guidance)}), word_n, 0, oracle=oracle,
+                                             steps=s.gen_steps, sampler=s.sampler, log=log)
     return out
 
 
@@ -599,10 +662,15 @@ def report_markdown(rep: dict, spec: Spec) -> str:
     lines += ["", f"Mean recall@{k}: spec constituents {_pct(sm[f'recall@{k}_spec_mean'])}, drawn constituents "
               f"{_pct(sm[f'recall@{k}_drawn_mean'])} (every run 100%: {sm[f'recall@{k}_drawn_all_perfect']}); "
               f"tokens outside the world's words in a top {k}: {sm[f'not_world_in_top{k}_per_decomposition']:.2f} per decomposition.",
-              "", f"| concept | top-{top} stability across runs | chance overlap (top {top} / dictionary size) |", "| --- | --- | --- |"]
+              ""]
+    sk = sm.get(f"stability_top{k}")  # reports written before it was measured lack the top-k column
+    lines += [f"| concept | top-{top} stability across runs | chance overlap (top {top} / dictionary size) |"
+              + (f" top-{k} stability |" if sk else ""), "| --- | --- | --- |" + (" --- |" if sk else "")]
     for c in rep["runs"]:
-        lines.append(f"| {c} | {sm[f'stability_top{top}'][c]:.2f} | {sm[f'chance_top{top}'][c]:.2f} |")
-    lines.append(f"| mean | {sm[f'stability_top{top}_mean']:.2f} | {sm[f'chance_top{top}_mean']:.2f} |")
+        lines.append(f"| {c} | {sm[f'stability_top{top}'][c]:.2f} | {sm[f'chance_top{top}'][c]:.2f} |"
+                     + (f" {sk[c]:.2f} |" if sk else ""))
+    lines.append(f"| mean | {sm[f'stability_top{top}_mean']:.2f} | {sm[f'chance_top{top}_mean']:.2f} |"
+                 + (f" {sm[f'stability_top{k}_mean']:.2f} |" if sk else ""))
     checks = [(c, r, m) for c, rows in rep["runs"].items() for r in rows for m in r.get("miss_checks", [])]
     if checks:
         lines += ["", f"Drawn constituents missing from a top {k}: would the fit's own objective rank them higher? The fit's "
@@ -643,6 +711,13 @@ def report_markdown(rep: dict, spec: Spec) -> str:
                 if "renders" in r:
                     f = lambda d: ", ".join(f"{a} {_pct(b)}" for a, b in d.items())
                     lines.append(f"| {c} | {r['seed']} | {f(r['concept_images_first_n'])} | {f(r['renders'])} |")
+    return "\n".join(lines + fidelity_markdown(rep, spec))
+
+
+def fidelity_markdown(rep: dict, spec: Spec) -> list[str]:
+    """The model-fidelity part of a report (guidance table, what the unresolved images show, plain words) as
+    Markdown lines."""
+    lines = []
     if rep.get("guidance_table"):
         gs = list(rep["guidance_table"])
         lines += ["", "| concept | spec | " + " | ".join(f"guidance {g}" for g in gs) + " |", "| --- | --- |" + " --- |" * len(gs)]
@@ -658,7 +733,36 @@ def report_markdown(rep: dict, spec: Spec) -> str:
                       f"(largest gap per concept: " + ", ".join(f"{c} {100 * v:.0f}" for c, v in fd["max_diff_at_1"].items())
                       + f"); at guidance {fd['guidance']:g} every component drawn in >= 10% of images: {fd['ok_at_guidance']} "
                       f"(smallest share: " + ", ".join(f"{c} {_pct(v)}" for c, v in fd["min_share_at_guidance"].items()) + ")."]
-    return "\n".join(lines)
+        other = rep.get("guidance_other", {}).get(gs[0])
+        if other:
+            lines += ["", f"What the images that show no component of the concept show instead, at guidance {float(gs[0]):g} (share of "
+                      "all the concept's images, the three most frequent):", "",
+                      "| concept | other | " + " | ".join(["most frequent"] * 3) + " |", "| --- | --- | --- | --- | --- |"]
+            for c, d in other.items():
+                cells = [f"{w} {_pct(x)}" for w, x in list(d.items())[:3]] + [""] * 3
+                lines.append(f"| {c} | {_pct(rep['guidance_table'][gs[0]][c]['other'])} | " + " | ".join(cells[:3]) + " |")
+    wf = rep.get("word_fidelity")
+    if wf:
+        gs = list(wf)
+        lines += ["", f"Plain words: the share of images ({wf[gs[0]].get('n', 32)} per prompt, \"a photo of a red\", \"a photo of a red circle\") that "
+                  "show what the prompt says, by the oracle. Colour-shape pairs: every colour with every shape; a word's "
+                  "row: mean over its pairs; last rows: means over all pairs.", "",
+                  "| prompt | " + " | ".join(f"guidance {float(g):g}: alone" for g in gs) + " | "
+                  + " | ".join(f"guidance {float(g):g}: in pairs (both right)" for g in gs) + " |",
+                  "| --- |" + " --- |" * (2 * len(gs))]
+        words = list(wf[gs[0]]["words"])
+        for w in words:
+            alone = [_pct(wf[g]["words"][w]) for g in gs]
+            paired = []
+            for g in gs:
+                ps = [v["both"] for key, v in wf[g]["pairs"].items() if w in key.split()]
+                paired.append(_pct(float(np.mean(ps))) if ps else "-")
+            lines.append(f"| {w} | " + " | ".join(alone) + " | " + " | ".join(paired) + " |")
+        for part in ("both", "colour", "glyph"):
+            name = {"both": "all pairs: both right", "colour": "all pairs: colour right", "glyph": "all pairs: shape right"}[part]
+            lines.append(f"| {name} | " + " | ".join([""] * len(gs)) + " | "
+                         + " | ".join(_pct(float(np.mean([v[part] for v in wf[g]["pairs"].values()]))) for g in gs) + " |")
+    return lines
 
 
 README_BEGIN, README_END = "<!-- evaluate --decompose: begin -->", "<!-- evaluate --decompose: end -->"
@@ -766,6 +870,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--decompose", action="store_true", help="decompose every hidden concept once per seed and score it")
+    p.add_argument("--fidelity", action="store_true",
+                   help="only what the model draws (guidance table, plain words) with the profile's sampler: a retrain's "
+                        "quick check, minutes on a CPU")
     p.add_argument("--seeds", default="0,1,2", help="runs (each seed picks its own, disjoint concept images)")
     p.add_argument("--profile", default="toy", help="settings profile of the decompositions (toy, ci)")
     p.add_argument("--concepts", default=None, help="comma-separated subset of the spec's concepts")
@@ -780,13 +887,25 @@ def main(argv=None):
                    help="run seed of the held-out images of the loss-by-noise-level diagnostic (-1: skip)")
     p.add_argument("--miss-repeats", type=int, default=20,
                    help="noise draws per image of the check of each missed drawn constituent (0: no check)")
+    p.add_argument("--word-n", type=int, default=32,
+                   help="images per plain-word prompt of the word fidelity table at guidance 1 and the profile's (0: none)")
     p.add_argument("--readme", default=None, help="write the Markdown into this README between the evaluate markers")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     spec = load_spec(a.spec)
     pipe, clip = load_models(a.model, a.device)
     t = time.time()
-    if a.decompose:
+    if a.fidelity:
+        from ..config import settings as profile_settings
+
+        s = profile_settings(a.profile)
+        if a.set:
+            s = s.replace(**parse_overrides(a.set))
+        gs = tuple(float(x) for x in a.guidances.split(",") if x.strip())
+        rep = {"settings": {"profile": s.to_dict(), "model": a.model}}
+        rep.update(model_fidelity(pipe, spec, s, gs, a.guidance_n, a.word_n, log=print))
+        print("\n".join(fidelity_markdown(rep, spec)))
+    elif a.decompose:
         from ..config import settings as profile_settings
 
         s = profile_settings(a.profile)
@@ -800,7 +919,7 @@ def main(argv=None):
                                    guidances=gs, guidance_n=a.guidance_n, cache_dir=a.cache,
                                    partial_path=a.out + ".partial" if a.out else None,
                                    diagnostic_seed=None if a.diagnostic_seed < 0 else a.diagnostic_seed,
-                                   miss_repeats=a.miss_repeats)
+                                   miss_repeats=a.miss_repeats, word_n=a.word_n)
         md = report_markdown(rep, spec)
         print(md)
         if a.readme:
