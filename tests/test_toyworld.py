@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -419,6 +420,36 @@ def test_train_quick_end_to_end(tmp_path):
     assert pipe.unet.config.sample_size == 16 and pipe.scheduler.config.prediction_type == "epsilon"
     norms = pipe.text_encoder.get_input_embeddings().weight.norm(dim=-1)
     assert torch.allclose(norms, torch.full_like(norms, 0.45), rtol=2e-3)
+
+
+@pytest.mark.slow
+def test_gpu_retrain_script_smoke(tmp_path):
+    """scripts/toyworld_gpu_retrain.sh (one device call: two retrains and their fidelity check) runs end to end at
+    tiny sizes on the CPU, and what it returns unpacks into run folders that `evaluate` can load."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from conceptor_nb.toyworld.evaluate import load_models
+
+    root = SHIPPED.parents[2]
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, SMOKE="1", OUT=str(out), WORK=str(work), PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(root / "scripts" / "toyworld_gpu_retrain.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "## run G" in (out / "fidelity.md").read_text() and "## run H" in (out / "fidelity.md").read_text()
+    runs = tmp_path / "runs"
+    for run in ("G", "H"):
+        parts = sorted(out.glob(f"{run}.tar*"))
+        assert parts and all(p.stat().st_size < 16 * 2**20 for p in parts)  # what the device can return
+        joined = tmp_path / f"{run}.tar"
+        joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+        with tarfile.open(joined) as t:
+            t.extractall(runs, filter="data")
+        assert json.loads((runs / run / "fidelity.json").read_text())["word_fidelity"]
+    assert json.loads((runs / "H" / "train_config.json").read_text())["unet_channels"] == [64, 128]
+    pipe, clip = load_models(str(runs / "H"))
+    assert pipe.unet.config.block_out_channels == [64, 128] and clip is None
 
 
 def test_evaluate_set_overrides_are_typed_by_the_settings():
