@@ -3,7 +3,11 @@
 * :func:`generated_share`: what the oracle sees in images generated for a prompt.
 * :func:`word_accuracy`: for attribute and object words, the share of generated images
   that show what the prompt says.
-* :func:`mixture_proportions`: for a hidden concept, generated component shares vs the spec.
+* :func:`word_fidelity`: every plain word and colour-shape pair, per guidance scale.
+* :func:`mixture_proportions`: for a hidden concept, generated component shares vs the spec (and what
+  the images that show no component show instead).
+* :func:`model_fidelity`: the guidance table and the word fidelity: a retrained model's quick check
+  (``python -m conceptor_nb.toyworld.evaluate --fidelity --model RUN``).
 * :func:`clip_constituent_ranks`: where the toy CLIP ranks a concept's constituents among
   all 49,408 vocabulary tokens (the dictionary filter Conceptor relies on).
 * :func:`score_decomposition`: recall@k and Spearman rank correlation of a Conceptor
