@@ -256,23 +256,20 @@ def test_mixture_names_what_the_other_images_show(spec):
     assert m.as_dict()["other"] == m.other
 
 
-def _fake_generate(recolour=None):
+def _fake_generate(spec, recolour=None):
     """A stand-in for the model: draws exactly what the prompt says (with ``recolour``, that colour instead)."""
     def generate(pipe, prompt, n, seed, **kw):
         words = prompt.removeprefix("a photo of a ").split()
         if recolour:
-            words = [recolour if w in SPEC_COLOURS else w for w in words]
-        return torch.from_numpy(render_word(load_spec(), words, n, seed))
+            words = [recolour if w in spec.colours else w for w in words]
+        return torch.from_numpy(render_word(spec, words, n, seed))
     return generate
-
-
-SPEC_COLOURS = set(load_spec().colour_words)
 
 
 def test_word_fidelity_counts_colour_and_shape_apart(spec, monkeypatch):
     from conceptor_nb.toyworld import evaluate
 
-    monkeypatch.setattr(evaluate, "generate", _fake_generate())
+    monkeypatch.setattr(evaluate, "generate", _fake_generate(spec))
     wf = evaluate.word_fidelity(None, spec, (1.0, 2.0), n=3)
     assert list(wf) == ["1.0", "2.0"]
     assert set(wf["1.0"]["words"]) == set(spec.colour_words + spec.shape_words + spec.object_words)
@@ -280,7 +277,7 @@ def test_word_fidelity_counts_colour_and_shape_apart(spec, monkeypatch):
     assert all(v == 1.0 for v in wf["1.0"]["words"].values())
     assert all(v == {"both": 1.0, "colour": 1.0, "glyph": 1.0} for v in wf["2.0"]["pairs"].values())
     # a model that draws every colour word as purple: shapes right, colours right only for purple
-    monkeypatch.setattr(evaluate, "generate", _fake_generate(recolour="purple"))
+    monkeypatch.setattr(evaluate, "generate", _fake_generate(spec, recolour="purple"))
     wf = evaluate.word_fidelity(None, spec, (1.0,), n=3)["1.0"]
     assert wf["pairs"]["red circle"] == {"both": 0.0, "colour": 0.0, "glyph": 1.0}
     assert wf["pairs"]["purple cross"] == {"both": 1.0, "colour": 1.0, "glyph": 1.0}
