@@ -36,3 +36,22 @@ def _seed_and_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def _fake_hub_home(tmp_path_factory):
+    import fakehub
+
+    home = tmp_path_factory.mktemp("hf_home")
+    for repo in (fakehub.SD15, fakehub.SD21, fakehub.SDXL, fakehub.CLIP_B32):
+        fakehub.build(home, repo)
+    return home
+
+
+@pytest.fixture
+def fake_hub(_fake_hub_home, monkeypatch):
+    """HF_HOME pointing at a fake hub cache holding SD 1.5, SD 2.1 (v), SDXL and CLIP ViT-B/32 (shrunk)."""
+    monkeypatch.setenv("HF_HOME", str(_fake_hub_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return _fake_hub_home
