@@ -7,7 +7,7 @@ model and inputs, the ms per training step of three variants:
   fixed leaf tensor that requires grad (backward goes through the UNet to it).
   No text encoder, no MLP, no optimiser: what any method that trains a prompt
   embedding must pay.
-* ``ours``: a step of :func:`conceptor_nb.conceptor.fit`, timed by running
+* ``ours``: a step of :func:`conceptor_nb.method.fit.fit`, timed by running
   ``fit()`` itself (validation off) and reading the time between consecutive
   iterations of its step loop, so the number is exactly what the fit does per
   step (MLP -> combine -> ``diffusion_loss`` with the prompt encoded once ->
@@ -87,7 +87,7 @@ def sd_shapes_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conceptor_nb.tiny import clip_tokenizer
+    from conceptor_nb.clip import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -299,7 +299,7 @@ def _amp(dtype: str) -> torch.dtype | None:
 
 
 def _autocast(device: torch.device, dtype: str):
-    from conceptor_nb.conceptor import autocast_to
+    from conceptor_nb.method.fit import autocast_to
 
     return autocast_to(device, _amp(dtype))
 
@@ -334,10 +334,10 @@ def _fit_settings(s, batch: int, total_steps: int, n_tokens: int | None, dtype: 
 
 def _latents(ctx: dict) -> torch.Tensor:
     """The images and their mirror images, VAE-encoded once, as ``fit`` does."""
-    from conceptor_nb.conceptor import encode_latents
+    from conceptor_nb.method.fit import encode_latents
 
     pipe, images = ctx["pipe"], ctx["images"]
-    return torch.stack([encode_latents(pipe, images), encode_latents(pipe, images.flip(-1))]).float()
+    return torch.stack([encode_latents(pipe.vae, images), encode_latents(pipe.vae, images.flip(-1))]).float()
 
 
 def _timed(step, n: int, device) -> list[float]:
@@ -355,7 +355,7 @@ def floor_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor):
     """One step of the floor: UNet forward + backward to a fixed leaf conditioning, the fit's sampling."""
     from diffusers import DDPMScheduler
 
-    from conceptor_nb.conceptor import sample_batch
+    from conceptor_nb.method.fit import sample_batch
 
     pipe = ctx["pipe"]
     unet = pipe.unet
@@ -416,7 +416,7 @@ class _StepTimer:
 def bench_ours(ctx: dict, device, dtype: str, steps: int, warmup: int, mem: Memory, n_tokens=None,
                force_replica: bool = False) -> dict:
     """``conceptor.fit`` itself, validation off, timed through its ``on_step`` callback."""
-    from conceptor_nb.conceptor import fit
+    from conceptor_nb.method.fit import fit
 
     pipe, s = ctx["pipe"], ctx["settings"]
     fs = _fit_settings(s, ctx["images"].shape[0], warmup + steps, n_tokens, dtype)
@@ -444,8 +444,8 @@ def ours_stepper(ctx: dict, device, dtype: str, latents: torch.Tensor, fs):
     """The fit's step rebuilt from decompose.py's pieces, in the same order as ``fit``'s loop body."""
     from diffusers import DDPMScheduler
 
-    from conceptor_nb.conceptor import CoefficientMLP, sample_batch, step_loss, vocab_norm
-    from conceptor_nb.inject import template_prompt, tokenize
+    from conceptor_nb.method.fit import CoefficientMLP, sample_batch, step_loss, vocab_norm
+    from conceptor_nb.method.inject import template_prompt, tokenize
 
     pipe = ctx["pipe"]
     table = pipe.text_encoder.get_input_embeddings().weight
@@ -492,8 +492,8 @@ def authors_stepper(ctx: dict, device, dtype: str, n_tokens=None):
     """One step of the authors' loop structure (see the module docstring); returns (step, restore)."""
     from diffusers import DDPMScheduler
 
-    from conceptor_nb.conceptor import CoefficientMLP
-    from conceptor_nb.inject import PLACEHOLDER, template_prompt, tokenize
+    from conceptor_nb.method.fit import CoefficientMLP
+    from conceptor_nb.method.inject import PLACEHOLDER, template_prompt, tokenize
 
     pipe, s = ctx["pipe"], ctx["settings"]
     n_top = min(n_tokens or s.n_tokens, len(ctx["token_ids"]))
@@ -614,14 +614,14 @@ def run_paired(model: str, *, device: str, dtype: str, authors_dtype: str, steps
 
 def run_encode_chunk(model: str, *, device: str, n_images: int = 16) -> dict:
     """Peak memory and time of the fit's one-off ``encode_latents`` over one chunk of ``n_images`` (its default 16)."""
-    from conceptor_nb.conceptor import encode_latents
+    from conceptor_nb.method.fit import encode_latents
 
     dev = torch.device(device)
     ctx = _setup(model, dev, n_images, None)
     mem = Memory(dev)
     mem.reset()
     t0 = time.perf_counter()
-    mem.profile_step(lambda: encode_latents(ctx["pipe"], ctx["images"]))  # (CPU: under the profiler)
+    mem.profile_step(lambda: encode_latents(ctx["pipe"].vae, ctx["images"]))  # (CPU: under the profiler)
     _sync(dev)
     dt = time.perf_counter() - t0
     return {"n_images": n_images, "s": dt, **mem.report(), "image_size": ctx["image_size"]}
@@ -652,7 +652,7 @@ def run_variant(model: str, variant: str, *, device: str, dtype: str, steps: int
 
 def run_e2e(model: str, *, device: str, concept: str) -> dict:
     """``decompose()`` end to end on the model's profile: a cold cache, then only the vocabulary cached."""
-    from conceptor_nb.conceptor import decompose
+    from conceptor_nb.method.decompose import decompose
     from conceptor_nb.models import load_clip
 
     dev = torch.device(device)
@@ -804,7 +804,7 @@ def contention() -> dict:
 
 def fit_dtype(model: str, device: str) -> str:
     """'bf16' or 'fp32': what the fit autocasts to with the model's profile on ``device`` (float32 weights)."""
-    from conceptor_nb.conceptor import fit_autocast_dtype
+    from conceptor_nb.method.vocab import autocast_dtype as fit_autocast_dtype
 
     amp = fit_autocast_dtype(device, profile_for(model).autocast, torch.float32)
     return "bf16" if amp == torch.bfloat16 else "fp32"
@@ -962,7 +962,7 @@ def run(models, *, device: str | None = None, dtype: str | None = None, json_pat
     dev = str(pick_device(device))
     notes = []
     if dtype == "bf16" and not dev.startswith("cuda"):
-        from conceptor_nb.conceptor import cpu_has_native_bf16
+        from conceptor_nb.method.vocab import cpu_has_native_bf16
 
         if dev.startswith("cpu") and not cpu_has_native_bf16():
             notes.append("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and slow")

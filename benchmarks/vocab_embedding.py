@@ -1,4 +1,4 @@
-"""The one-time vocabulary embedding (``conceptor_nb.dictionary.vocab_text_features``) on this machine's CPU.
+"""The one-time vocabulary embedding (``conceptor_nb.method.vocab.vocab_text_features``) on this machine's CPU.
 
 CLIP ViT-B/32's text encoder with the real shapes (config from ``tests/fixtures/hub_configs``) and random
 weights (no checkpoint can be downloaded here), the real tokenizer and the authors' 27 templates
@@ -34,9 +34,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from conceptor_nb.config import CLIP_TEMPLATES  # noqa: E402
-from conceptor_nb.conceptor import cpu_has_native_bf16  # noqa: E402
-from conceptor_nb.dictionary import (_template_parts, layer_weights, template_features, vocab_text_features,  # noqa: E402
-                                     word_token_ids)
+from conceptor_nb.method.vocab import cpu_has_native_bf16  # noqa: E402
+from conceptor_nb.method.vocab import (_template_parts, layer_weights, template_features, vocab_text_features,  # noqa: E402
+                                        word_token_ids)
 
 CONFIG = ROOT / "tests" / "fixtures" / "hub_configs" / "openai" / "clip-vit-base-patch32" / "config.json"
 TOKENIZER = ROOT / "conceptor_nb" / "data" / "clip_tokenizer"
@@ -100,7 +100,7 @@ def full_flops(cfg, tok, templates, n_tokens: int, eos_only_last: bool) -> float
 
 
 def before_module(commit: str = BEFORE):
-    """``conceptor_nb.dictionary`` as it was at ``commit`` (read with git), to time it on the same model."""
+    """The vocabulary embedding (``conceptor_nb/dictionary.py`` then) as it was at ``commit`` (read with git), to time it on the same model."""
     import importlib.util
     import subprocess
 

@@ -1,31 +1,30 @@
 """conceptor_nb: explain how a text-to-image diffusion model represents a concept (Conceptor, ICLR 2024).
 
-One function per stage::
+One call per stage::
 
-    pipe = load_pipeline("toy")                  # or a Stable Diffusion folder / hub id
-    dec = decompose(pipe, "a dog")               # images -> dictionary -> fit
-    dec.to_frame(); dec.plot(); dec.render(pipe, seeds=range(4))
-    explain_image(pipe, dec, seed=0); detect_bias(...); mitigate_bias(...); sweep(...)
-    decompose_many(pipe, ["a dog", "a cat"], out="runs")   # many concepts, resumable
+    s = setup()                                  # the active profile's model, CLIP and settings
+    dec = decompose(s.pipe, "a dog")             # images -> dictionary -> fit
+    dec.to_frame(); dec.plot(); dec.render(s.pipe, seeds=range(4))
+    explain_image(s.pipe, dec, seed=0); detect_bias(...); mitigate_bias(...); sweep(...)
+    decompose_many(s.pipe, ["a dog", "a cat"], out="runs")   # many concepts, resumable
 """
-from .batch import decompose_many, load_runs
-from .bias import BiasReport, Mitigation, detect_bias, mitigate_bias
-from .config import Profile, Settings, profile, settings
-from .conceptor import Decomposition, decompose, decomposition_table
-from .dictionary import Dictionary, build_dictionary
-from .explain import ImageExplanation, explain_image
-from .errors import CacheError, ConceptorError, FitDivergedError, InvalidInputError, ModelNotFoundError, OutputError
-from .images import concept_images, generate
-from .inject import pseudo_token
-from .manipulate import Panel, Sweep, panel, set_coefficient, sweep
-from .models import load_clip, load_pipeline
+from .apps.bias import BiasReport, Mitigation, detect_bias, mitigate_bias
+from .apps.explain import ImageExplanation, explain_image
+from .apps.manipulate import Panel, Sweep, panel, set_coefficient, sweep
+from .batch import build_report, decompose_many, load_decompositions, load_runs, read_log, token_matrix
+from .clip import load_clip
+from .config import Profile, Settings, cache_dir, figures_dir, profile, settings
+from .errors import (CacheError, ConceptorError, FitDivergedError, InvalidInputError, ModelNotFoundError,
+                     OutputError)
+from .method.decompose import decompose
+from .method.decomposition import Decomposition, decomposition_table
+from .method.dictionary import Dictionary, build_dictionary
+from .method.generate import concept_images, generate
+from .method.inject import pseudo_token
+from .models import Setup, load_pipeline, setup
+from .viz import coefficient_bars, image_grid, save_figure, show_images, word_picture
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "BiasReport", "ImageExplanation", "Mitigation", "Panel", "Sweep", "detect_bias", "explain_image",
-    "mitigate_bias", "panel", "set_coefficient", "sweep",
-    "CacheError", "ConceptorError", "FitDivergedError", "InvalidInputError", "OutputError", "Decomposition", "Dictionary", "ModelNotFoundError", "Settings",
-    "build_dictionary", "concept_images", "decompose", "decomposition_table", "generate", "load_clip", "load_pipeline",
-    "pseudo_token", "settings", "Profile", "profile", "decompose_many", "load_runs",
-]
+__all__ = [name for name in dir() if not name.startswith("_") and name not in ("apps", "batch", "clip", "config",
+                                                                                "errors", "method", "models", "viz",
+                                                                                "io", "checks", "loading")]

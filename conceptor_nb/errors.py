@@ -1,4 +1,4 @@
-"""Errors with messages that say what to do."""
+"""The package's errors; each message says what went wrong and what to do."""
 
 
 class ConceptorError(Exception):
@@ -6,7 +6,7 @@ class ConceptorError(Exception):
 
 
 class ModelNotFoundError(ConceptorError, OSError):
-    """A model name is neither a known short name, a local folder, nor in the local hub cache."""
+    """A model name is neither a known short name, a local folder, a checkpoint file, nor in the hub cache."""
 
 
 class CacheError(ConceptorError):
@@ -14,11 +14,12 @@ class CacheError(ConceptorError):
 
 
 class InvalidInputError(ConceptorError, ValueError):
-    """An argument, setting, image or file is not what the function accepts.
+    """An argument, setting, image or file is not what the function accepts; the message names the
+    argument, the value it got and what is accepted."""
 
-    Raised before any model is loaded or any file is written; the message names the
-    argument, the value it got and what is accepted.
-    """
+
+class ResultNotFoundError(InvalidInputError, FileNotFoundError):
+    """The folder holds no saved result of that kind."""
 
 
 class FitDivergedError(ConceptorError, FloatingPointError):

@@ -2,43 +2,35 @@
 from __future__ import annotations
 
 import math
+import random
 
+import matplotlib.pyplot as plt
+import seaborn as sns
 import torch
+from PIL import Image
+
+from .config import figures_dir
 
 
-def _ax(ax, figsize=(6, 3)):
-    if ax is None:
-        import matplotlib.pyplot as plt
-
-        _, ax = plt.subplots(figsize=figsize)
-    return ax
+def axes(ax=None, figsize=(6, 3)):
+    """``ax``, or the axes of a new figure of ``figsize``."""
+    return plt.subplots(figsize=figsize)[1] if ax is None else ax
 
 
-def to_numpy_images(images: torch.Tensor):
-    """(N, 3, H, W) floats in [0, 1] -> (N, H, W, 3) uint8."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upscale: int = 1):
-    """A PIL image with the images in a grid (no torchvision needed)."""
-    from PIL import Image
-
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> Image.Image:
+    """A PIL image of float images (N, 3, H, W) in [0, 1], ``nrow`` to a row, on white."""
     n, _, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    canvas = torch.ones(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    canvas = torch.ones(3, math.ceil(n / nrow) * (h + pad) + pad, nrow * (w + pad) + pad)
     for i, img in enumerate(images.detach().float().cpu().clamp(0, 1)):
-        r, c = divmod(i, nrow)
-        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    arr = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    im = Image.fromarray(arr)
-    if upscale > 1:
-        im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
-    return im
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        canvas[:, top: top + h, left: left + w] = img
+    im = Image.fromarray((canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    return im.resize((im.width * upscale, im.height * upscale), Image.NEAREST) if upscale > 1 else im
 
 
 def show_images(images: torch.Tensor, ax=None, nrow: int | None = None, title: str | None = None):
-    ax = _ax(ax, (4, 4))
+    ax = axes(ax, (4, 4))
     ax.imshow(image_grid(images, nrow=nrow), interpolation="nearest")
     ax.set_axis_off()
     if title:
@@ -47,10 +39,8 @@ def show_images(images: torch.Tensor, ax=None, nrow: int | None = None, title: s
 
 
 def coefficient_bars(dec, k: int = 10, ax=None, color: str = "C0"):
-    """Horizontal bars of the top-k coefficients (seaborn)."""
-    import seaborn as sns
-
-    ax = _ax(ax, (5, 0.3 * k + 1))
+    """Horizontal bars of the top-k coefficients."""
+    ax = axes(ax, (5, 0.3 * k + 1))
     frame = dec.to_frame(k)
     sns.barplot(data=frame, y="token", x="coefficient", color=color, ax=ax, orient="h")
     ax.set_title(f"{dec.concept}: top {len(frame)} tokens")
@@ -60,13 +50,11 @@ def coefficient_bars(dec, k: int = 10, ax=None, color: str = "C0"):
 
 def word_picture(dec, k: int = 8, ax=None, min_size: float = 9, max_size: float = 30):
     """The paper-style picture: the top words, font size by coefficient."""
-    ax = _ax(ax, (6, 2.5))
+    ax = axes(ax, (6, 2.5))
     top = dec.top(k)
     if not top:
         return ax
     hi = max(c for _, c in top) or 1.0
-    import random
-
     rnd = random.Random(0)
     n = len(top)
     cols = math.ceil(math.sqrt(2 * n))
@@ -78,9 +66,8 @@ def word_picture(dec, k: int = 8, ax=None, min_size: float = 9, max_size: float 
         r, col = divmod(i, cols)
         x = (col + 0.5) / cols + rnd.uniform(-0.04, 0.04)
         y = 1 - (r + 0.5) / math.ceil(n / cols) + rnd.uniform(-0.05, 0.05)
-        size = (min_size + (max_size - min_size) * c / hi) * shrink
-        ax.text(x, y, token, fontsize=size, ha="center", va="center", color=f"C{i % 10}",
-                fontweight="bold" if i < 3 else "normal")
+        ax.text(x, y, token, fontsize=(min_size + (max_size - min_size) * c / hi) * shrink, ha="center",
+                va="center", color=f"C{i % 10}", fontweight="bold" if i < 3 else "normal")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_axis_off()
@@ -90,8 +77,6 @@ def word_picture(dec, k: int = 8, ax=None, min_size: float = 9, max_size: float 
 
 def save_figure(fig, name: str, dpi: int = 120):
     """Save ``fig`` as ``<figures_dir>/<name>.png`` (see ``config.figures_dir``); returns the path."""
-    from .config import figures_dir
-
     folder = figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"

@@ -14,9 +14,10 @@ res["build_s"] = time.time() - t0
 os.environ["HF_HOME"] = home; os.environ["HF_HUB_OFFLINE"] = "1"; os.environ["CONCEPTOR_CACHE"] = "/tmp/cc"
 from conceptor_nb import load_pipeline, load_clip
 from conceptor_nb.config import settings
-from conceptor_nb import conceptor as C
-from conceptor_nb.images import generate
-from conceptor_nb.dictionary import template_features, word_token_ids
+from conceptor_nb.config import TEMPLATE
+from conceptor_nb.method import fit as C
+from conceptor_nb.method.generate import generate
+from conceptor_nb.method.vocab import template_features, word_token_ids
 t0 = time.time()
 pipe = load_pipeline(fakehub.SD21_BASE, device="cuda")
 clip = load_clip(fakehub.CLIP_B32, device="cuda")
@@ -40,6 +41,6 @@ t0 = time.time(); r = generate(pipe, "a photo of a sks", list(range(20)), steps=
 res["validation_20img_dpm50_s"] = time.time() - t0; out()
 # vocabulary embedding, ViT-B/32 text tower, full vocab x 1 template (x27 for the authors')
 ids = word_token_ids(clip.tokenizer)
-t0 = time.time(); template_features(clip, "a photo of a {}", ids); sync()
+t0 = time.time(); template_features(clip, TEMPLATE, ids); sync()
 res["vocab_one_template_s"] = time.time() - t0
 res["total_s"] = time.time() - t00; out()

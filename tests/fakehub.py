@@ -121,7 +121,7 @@ def _text_encoder(name: str, src: Path, dst: Path, shrink: bool, variants) -> di
     return cfg
 
 
-def _pipeline(repo: str, snap: Path, shrink: bool, variants) -> None:
+def _pipeline(repo: str, snap: Path, shrink: bool, variants, sample_size: int | None = None) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     src = FIXTURES / repo
@@ -142,6 +142,8 @@ def _pipeline(repo: str, snap: Path, shrink: bool, variants) -> None:
         text_width = sum(c["hidden_size"] for c in widths.values())
         pooled = widths.get("text_encoder_2", {}).get("projection_dim")
         cfg.update(_shrunk_unet(cfg, text_width, pooled))
+    if sample_size is not None:  # smaller images than the real repo's (behaviour tests, not shape tests)
+        cfg["sample_size"] = sample_size
     unet = UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     _save(unet, snap / "unet", cfg, variants)
     cfg = _json(src / "vae" / "config.json")
@@ -185,11 +187,14 @@ def _clip(repo: str, snap: Path, shrink: bool) -> None:
     _save(model, snap, cfg, ("fp32",))
 
 
-def build(hf_home, repos=ALL, *, shrink: bool = True, variants=("fp32", "fp16"), seed: int = 0) -> Path:
+def build(hf_home, repos=ALL, *, shrink: bool = True, variants=("fp32", "fp16"), seed: int = 0,
+          sample_size: int | None = None) -> Path:
     """Write the fake cache of ``repos`` under ``hf_home/hub``; returns ``hf_home``.
 
     ``variants``: which weight files to write where the real repo has them: "fp32"
-    (``model.safetensors``) and/or "fp16" (``model.fp16.safetensors``).
+    (``model.safetensors``) and/or "fp16" (``model.fp16.safetensors``). ``sample_size``: the UNet's
+    latent size instead of the real one (16: 128 px images, as diffusers' own pipeline tests do; SD 1.5's
+    loads as 64 all the same: diffusers raises an SD 1.x config's sample_size under 64 to 64).
     """
     torch.manual_seed(seed)
     for repo in ([repos] if isinstance(repos, str) else repos):
@@ -205,7 +210,7 @@ def build(hf_home, repos=ALL, *, shrink: bool = True, variants=("fp32", "fp16"),
         if repo == CLIP_B32:
             _clip(repo, snap, shrink)
         else:
-            _pipeline(repo, snap, shrink, variants if repo in FP16_REPOS else ("fp32",))
+            _pipeline(repo, snap, shrink, variants if repo in FP16_REPOS else ("fp32",), sample_size)
     return Path(hf_home)
 
 

@@ -7,9 +7,9 @@ import torch
 
 from conceptor_nb import (BiasReport, Decomposition, ImageExplanation, Mitigation, Sweep, decompose, detect_bias,
                           explain_image, mitigate_bias, panel, set_coefficient, sweep)
-from conceptor_nb.bias import coefficient_mass, wilson
+from conceptor_nb.apps.bias import coefficient_mass, wilson
 from conceptor_nb.config import TINY
-from conceptor_nb.conceptor import combine
+from conceptor_nb.method.fit import combine
 
 FAST = TINY.replace(n_train=4, n_val=2, gen_steps=3, dict_size=32, n_tokens=5, steps=4, val_every=2, val_steps=2)
 
@@ -75,7 +75,7 @@ def test_panel_without_front_end(tiny_pipe, dec):
 
 # -- single image ---------------------------------------------------------------------------------
 def test_explain_image_passes_are_batched_and_consistent(tiny_pipe, tiny_clip, dec, monkeypatch):
-    import conceptor_nb.explain as ex
+    import conceptor_nb.apps.explain as ex
 
     calls = []
     real = ex.generate

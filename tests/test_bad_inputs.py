@@ -18,9 +18,10 @@ import torch
 
 import conceptor_nb
 from conceptor_nb import Decomposition, decompose, detect_bias, explain_image, mitigate_bias, set_coefficient, sweep
-from conceptor_nb.checks import as_images, folder_name, parse_concept, validate_settings
+from conceptor_nb.checks import as_images, parse_concept, validate_settings
 from conceptor_nb.config import TINY
 from conceptor_nb.errors import InvalidInputError
+from conceptor_nb.io import slug as folder_name
 
 FAST = TINY.replace(n_train=2, n_val=0, steps=2, gen_steps=2, val_steps=2, dict_size=8, val_every=0)
 ATTR = {"red": ["red"], "blue": ["blue"]}
@@ -178,18 +179,20 @@ def snapshot(*folders) -> dict:
 @pytest.fixture
 def no_work(monkeypatch):
     """Generation and CLIP loading fail the test: a bad input must be refused before any work."""
-    import conceptor_nb.conceptor as conceptor_mod
-    import conceptor_nb.explain as explain_mod
-    import conceptor_nb.images as images_mod
-    import conceptor_nb.models as models_mod
+    import conceptor_nb.method.decompose as conceptor_mod
+    import conceptor_nb.method.decomposition as decomposition_mod
+    import conceptor_nb.method.fit as fit_mod
+    import conceptor_nb.apps.explain as explain_mod
+    import conceptor_nb.clip as clip_mod
+    import conceptor_nb.method.generate as images_mod
 
     def work(*a, **k):
         raise AssertionError("work started before the input was checked")
 
-    for mod in (images_mod, conceptor_mod, explain_mod):
+    for mod in (images_mod, fit_mod, decomposition_mod, explain_mod):
         monkeypatch.setattr(mod, "generate", work)
     monkeypatch.setattr(conceptor_mod, "concept_images", work)
-    monkeypatch.setattr(models_mod, "load_clip", work)
+    monkeypatch.setattr(clip_mod, "load_clip", work)
 
 
 def test_the_table_is_large_enough():
@@ -224,8 +227,8 @@ def test_validate_settings_accepts_the_profiles_and_normalises():
 
 
 def test_one_concept_parser():
-    from conceptor_nb.dictionary import concept_word
-    from conceptor_nb.images import concept_prompt
+    from conceptor_nb.checks import concept_word
+    from conceptor_nb.checks import concept_prompt
 
     assert parse_concept("a dog") == ("dog", "a photo of a dog")
     assert parse_concept("  The   Red Car ") == ("red car", "a photo of a Red Car")
@@ -309,7 +312,7 @@ def test_save_refuses_before_writing_anything(tmp_path):
 
 
 def _tokenizer():
-    from conceptor_nb.tiny import clip_tokenizer
+    from conceptor_nb.clip import clip_tokenizer
 
     return clip_tokenizer()
 
@@ -352,7 +355,7 @@ def test_cli_bad_input(case, tmp_path, cache, capsys, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(conceptor_nb, "load_pipeline", no_load)
+    monkeypatch.setattr(conceptor_nb.cli, "load_pipeline", no_load)
     out = tmp_path / "run"
     if prepare is not None:
         prepare(out)
@@ -368,7 +371,7 @@ def test_cli_bad_input(case, tmp_path, cache, capsys, monkeypatch):
 def test_cli_concept_errors(tmp_path, cache, capsys, monkeypatch):
     from conceptor_nb.cli import main
 
-    monkeypatch.setattr(conceptor_nb, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(conceptor_nb.cli, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     for concept, fragment in [("  ", "the concept is empty"), ("a {} dog", "without '{' or '}'")]:
         assert main(["decompose", concept, *TINY_ARGS, "--out", str(tmp_path / "o")]) == 2
         assert fragment in capsys.readouterr().err
@@ -388,13 +391,13 @@ def test_cli_long_concept_default_out_and_rescue(tmp_path, cache, capsys, monkey
     finally:
         os.umask(old)
     (run,) = (tmp_path / "runs").iterdir()
-    assert len(run.name) <= 48 and sorted(p.name for p in run.iterdir()) == sorted(cli.OUTPUT_FILES)
+    assert len(run.name) <= 48 and sorted(p.name for p in run.iterdir()) == sorted(cli.RUN_FILES)
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in run.iterdir())
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "_write_outputs", disk_full)
+    monkeypatch.setattr(cli, "write_run", disk_full)
     capsys.readouterr()
     assert cli.main(["decompose", "a dog", *TINY_ARGS, "--out", str(tmp_path / "full")]) == 1
     err = capsys.readouterr().err

@@ -6,7 +6,8 @@ import pytest
 
 from conceptor_nb.cli import build_parser, settings_overrides
 from conceptor_nb.config import CI, PROFILES, SD, SD_CLIP, TOY, Settings, resolve
-from conceptor_nb.conceptor import Decomposition, run_settings
+from conceptor_nb.method.decomposition import Decomposition
+from conceptor_nb.method.decompose import run_settings
 
 
 def test_every_setting_is_a_cli_flag():

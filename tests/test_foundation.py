@@ -9,9 +9,9 @@ import torch
 
 from conceptor_nb import Decomposition, build_dictionary, concept_images, decompose, generate, load_pipeline
 from conceptor_nb.config import TINY
-from conceptor_nb.conceptor import CoefficientMLP, combine, diffusion_loss, encode_latents, vocab_norm
+from conceptor_nb.method.fit import CoefficientMLP, combine, diffusion_loss, encode_latents, vocab_norm
 from conceptor_nb.errors import CacheError, ModelNotFoundError
-from conceptor_nb.inject import pseudo_token, template_prompt, tokenize
+from conceptor_nb.method.inject import pseudo_token, template_prompt, tokenize
 
 FAST = TINY.replace(n_train=4, n_val=2, gen_steps=3, dict_size=32, n_tokens=5, steps=6, val_every=3, val_steps=2)
 
@@ -52,13 +52,13 @@ def test_decompose_end_to_end(tiny_pipe, tiny_clip, cache):
 
 
 def test_v_prediction_pipeline_fits():
-    from conceptor_nb.tiny import tiny_pipeline
+    from conceptor_nb.models import tiny_pipeline
 
     pipe = tiny_pipeline(prediction_type="v_prediction")
     pipe.unet.requires_grad_(False), pipe.text_encoder.requires_grad_(False), pipe.vae.requires_grad_(False)
     images = torch.rand(3, 3, 32, 32)
     # fit directly with a given dictionary (no CLIP needed): a v-prediction scheduler takes the v target
-    from conceptor_nb.conceptor import fit
+    from conceptor_nb.method.fit import fit
 
     coef, hist = fit(pipe, images, [320, 1929, 2368], FAST.replace(val_every=0, n_tokens=2), verbose=False)
     assert coef.shape == (3,) and all(math.isfinite(x) for x in hist["loss"])
@@ -66,7 +66,7 @@ def test_v_prediction_pipeline_fits():
 
 
 def test_fit_in_bf16_autocast_stays_close_to_float32(tiny_pipe):
-    from conceptor_nb.conceptor import fit
+    from conceptor_nb.method.fit import fit
 
     images = torch.rand(3, 3, 32, 32)
     ids = [320, 1929, 2368, 4276, 1125, 539]
@@ -81,9 +81,9 @@ def test_fit_in_bf16_autocast_stays_close_to_float32(tiny_pipe):
 
 
 def test_autocast_modes(monkeypatch):
-    dmod = importlib.import_module("conceptor_nb.conceptor")  # the package exports the function
+    dmod = importlib.import_module("conceptor_nb.method.vocab")  # the package exports the function
 
-    f = dmod.fit_autocast_dtype
+    f = dmod.autocast_dtype
     assert f("cpu", "off", torch.float32) is None and f("cpu", None, torch.float32) is None
     assert f("cpu", "bf16", torch.float32) == torch.bfloat16
     monkeypatch.setattr(dmod, "cpu_has_native_bf16", lambda: True)
@@ -101,8 +101,8 @@ def test_autocast_modes(monkeypatch):
 def test_min_timestep_restricts_the_fits_noise_levels(tiny_pipe, monkeypatch):
     """``min_timestep`` (a toy-world option; 0 is the authors' uniform t) keeps every drawn t in the upper range,
     and the fit draws its batches through it."""
-    import conceptor_nb.conceptor as conceptor_mod
-    from conceptor_nb.conceptor import fit, sample_batch
+    import conceptor_nb.method.fit as conceptor_mod
+    from conceptor_nb.method.fit import fit, sample_batch
 
     latents = torch.randn(2, 5, 4, 4, 4)
     gen = torch.Generator().manual_seed(0)
@@ -128,7 +128,7 @@ def test_gradient_reaches_the_mlp_and_not_the_model(tiny_pipe):
     ids = [320, 1929, 2368, 4276]
     emb = table[ids].detach().float()
     mlp = CoefficientMLP(emb.shape[1], 16)
-    latents = encode_latents(tiny_pipe, torch.rand(2, 3, 32, 32))
+    latents = encode_latents(tiny_pipe.vae, torch.rand(2, 3, 32, 32))
     ac = tiny_pipe.scheduler.alphas_cumprod
     prompt_ids = tokenize(tiny_pipe.tokenizer, template_prompt("a photo of a {}"))
     loss = diffusion_loss(tiny_pipe, combine(mlp(emb), emb, vocab_norm(tiny_pipe)), latents, torch.randn_like(latents),
@@ -194,7 +194,7 @@ def test_save_load_roundtrip(tiny_pipe, tiny_clip, cache, tmp_path):
 def test_concept_images_cache_hit_skips_generation(tiny_pipe, cache, monkeypatch):
     kw = dict(steps=2, guidance=2.0, sampler="dpm", verbose=False)
     first = concept_images(tiny_pipe, "a photo of a dog", 3, 5, **kw)
-    import conceptor_nb.images as g
+    import conceptor_nb.method.generate as g
 
     def boom(*a, **k):
         raise AssertionError("generated again despite the cache")

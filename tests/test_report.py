@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conceptor_nb import batch
-from conceptor_nb.report import build_report
+from conceptor_nb.batch.report import build_report
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]

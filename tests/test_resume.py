@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import conceptor_nb.conceptor as conceptor_mod
+import conceptor_nb.method.fit as conceptor_mod
 from conceptor_nb import concept_images, decompose, load_pipeline
 from conceptor_nb.config import TINY
 from conceptor_nb.errors import CacheError, FitDivergedError
-from conceptor_nb.results import load_verified, save_verified
+from conceptor_nb.io import load_verified, save_verified
 
 # no validation images: the result is the MLP's final state, so every resumed step must be exact
 RESUME = TINY.replace(n_train=3, n_val=0, steps=9, val_every=3, gen_steps=2, val_steps=2, dict_size=16)
@@ -94,7 +94,7 @@ def test_garbled_cache_bytes_are_a_warned_miss(tiny_pipe, cache):
 
 
 def test_garbled_vocabulary_cache_is_recomputed(tiny_clip, cache):
-    from conceptor_nb.dictionary import vocab_text_features
+    from conceptor_nb.method.vocab import vocab_text_features
 
     first = vocab_text_features(tiny_clip, verbose=False)
     (file,) = cache.glob("vocab/*.safetensors")
@@ -135,7 +135,7 @@ CLI_ARGS = ["--model", "tiny", "--quiet", "--n-train", "3", "--n-val", "0", "--s
 # the CLI, with each fit step slowed by $SLOW seconds so that a test can interrupt it mid-fit
 SLOW_CLI = """
 import os, sys, time
-import conceptor_nb.conceptor as C
+import conceptor_nb.method.fit as C
 real = C.step_loss
 def slow(*a, **k):
     time.sleep(float(os.environ.get("SLOW", "0")))
@@ -156,7 +156,7 @@ def _cli(tmp_path, cache, out, *extra, slow=0.0):
 
 
 def _checkpoint_step(out) -> int:
-    from conceptor_nb.results import load_verified
+    from conceptor_nb.io import load_verified
 
     file = out / ".checkpoint" / "fit_state.safetensors"
     if not file.exists():
@@ -217,7 +217,7 @@ def test_two_concurrent_runs_share_a_cache(tmp_path, cache):
 
 def test_other_clip_weights_under_the_same_name_miss_the_vocabulary_cache(tiny_clip, cache):
     from conceptor_nb import load_clip
-    from conceptor_nb.dictionary import vocab_text_features
+    from conceptor_nb.method.vocab import vocab_text_features
 
     other = load_clip("tiny", device="cpu", seed=1)
     assert other.name == tiny_clip.name

@@ -13,10 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fakehub  # noqa: E402
+import fakehub  # noqa: E402  (tests/fakehub.py; the hub and offline_home fixtures are in conftest.py)
 
-from conceptor_nb import conceptor as conceptor_mod  # noqa: E402
+from conceptor_nb.method import fit as conceptor_mod  # noqa: E402
 from conceptor_nb.config import settings  # noqa: E402
 from conceptor_nb.errors import ConceptorError, ModelNotFoundError  # noqa: E402
 from conceptor_nb.models import default_dtype, load_clip, load_pipeline  # noqa: E402
@@ -24,34 +23,6 @@ from conceptor_nb.models import default_dtype, load_clip, load_pipeline  # noqa:
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train=2, n_val=1, gen_steps=1, dict_size=12, n_tokens=3, steps=2, batch_size=1, val_every=2,
              val_steps=1, clip_templates=("a photo of a {}",))
-
-
-@pytest.fixture(scope="session")
-def hub(tmp_path_factory):
-    """A fake HF_HOME; ``hub.get(repo)`` builds a repo into it on first use."""
-    home = tmp_path_factory.mktemp("hf_home")
-    built = set()
-
-    def get(*repos):
-        for repo in repos:
-            if repo not in built:
-                fakehub.build(home, repo)
-                built.add(repo)
-        return home
-
-    return SimpleNamespace(home=home, get=get)
-
-
-@pytest.fixture
-def offline_home(hub, monkeypatch):
-    def use(*repos):
-        home = hub.get(*repos)
-        monkeypatch.setenv("HF_HOME", str(home))
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-        return home
-
-    return use
 
 
 # -- the fixtures themselves ----------------------------------------------------------------------
@@ -109,7 +80,7 @@ def test_default_dtype_is_bf16_on_cuda_and_float32_elsewhere():
     assert default_dtype(torch.device("cuda"), bf16_supported=True) == torch.bfloat16
     assert default_dtype(torch.device("cuda"), bf16_supported=False) == torch.float32
     # with bf16 weights the fit's "auto" autocast has nothing to do, and says so in its history
-    assert conceptor_mod.fit_autocast_dtype("cpu", "auto", torch.bfloat16) is None
+    assert conceptor_mod.autocast_dtype("cpu", "auto", torch.bfloat16) is None
 
 
 def test_loading_prints_nothing(hub):
@@ -386,7 +357,7 @@ def test_sdxl_fit_conditions_like_the_pipeline(offline_home, monkeypatch):
     assert added["time_ids"].tolist() == [[1024, 1024, 0, 0, 1024, 1024]] * 2
     assert max(hist["reconstruction"]) < 1e-10
     # the pseudo-token reaches both encoders: changing only the second table's half changes the pooled output
-    from conceptor_nb.inject import encode_template, tokenize, token_embeddings
+    from conceptor_nb.method.inject import encode_template, tokenize, token_embeddings
 
     e = token_embeddings(pipe, [1000])[0]
     assert e.shape == (96,)
@@ -413,7 +384,7 @@ def test_an_sdxl_decomposition_with_per_table_norms_saves_and_loads(tmp_path):
 
 
 def test_sdxl_rescales_each_table_to_its_own_norm():
-    from conceptor_nb.conceptor import combine
+    from conceptor_nb.method.fit import combine
 
     emb = torch.randn(5, 6)
     w = combine(torch.rand(5), emb, [[2, 3.0], [4, 0.5]])
@@ -453,8 +424,8 @@ def test_cli_decompose_runs_offline_on_the_fake_cache(hub, tmp_path, repo):
 def _seed_vocab_cache(home, cache):
     """Write the cache entry for the sd profile's 27 templates from a one-template computation (the
     test checks the pipeline, not CLIP; the entry's key is what vocab_text_features computes)."""
-    from conceptor_nb.dictionary import vocab_cache_entry, vocab_text_features
-    from conceptor_nb.results import save_verified
+    from conceptor_nb.method.vocab import vocab_cache_entry, vocab_text_features
+    from conceptor_nb.io import save_verified
 
     env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     old = {k: os.environ.get(k) for k in env}
@@ -513,7 +484,7 @@ def test_image_explanation_saves_when_no_token_was_dropped(tiny_pipe, tiny_clip,
 
 # -- the vocabulary embedding -----------------------------------------------------------------------------
 def test_prefix_cached_vocabulary_embedding_equals_the_full_forward(offline_home):
-    from conceptor_nb.dictionary import _template_ids, template_features, word_token_ids
+    from conceptor_nb.method.vocab import _template_ids, template_features, word_token_ids
 
     offline_home(fakehub.CLIP_B32)
     clip = load_clip(fakehub.CLIP_B32, device="cpu")
@@ -530,7 +501,7 @@ def test_prefix_cached_vocabulary_embedding_equals_the_full_forward(offline_home
 
 
 def test_vocabulary_embedding_is_computed_once_per_clip(offline_home, tmp_path, monkeypatch):
-    from conceptor_nb import dictionary
+    from conceptor_nb.method import vocab as dictionary
 
     offline_home(fakehub.CLIP_B32)
     clip = load_clip(fakehub.CLIP_B32, device="cpu")

@@ -1,14 +1,16 @@
 """The paper-reproduction script: its comparison with the reported tokens, and (GPU) the run itself."""
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
+import fakehub  # tests/fakehub.py; the offline_home fixture is in conftest.py
 from conceptor_nb import Decomposition
-from conceptor_nb.reproduce import PAPER, comparison_table, main, overlap
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fakehub  # noqa: E402
+_spec = importlib.util.spec_from_file_location("reproduce_paper", Path(__file__).parents[1] / "scripts" / "reproduce_paper.py")
+reproduce = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reproduce)
+PAPER, comparison_table, main, overlap = reproduce.PAPER, reproduce.comparison_table, reproduce.main, reproduce.overlap
 
 
 def _dec(concept, tokens):
@@ -33,10 +35,8 @@ def test_comparison_table_has_one_row_per_concept():
 
 
 @pytest.mark.slow
-def test_reproduce_runs_on_a_fake_cache(tmp_path, monkeypatch):
-    home = fakehub.build(tmp_path / "hf", [fakehub.SD21_BASE, fakehub.CLIP_B32])
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_reproduce_runs_on_a_fake_cache(offline_home, tmp_path, monkeypatch):
+    offline_home(fakehub.SD21_BASE, fakehub.CLIP_B32)
     monkeypatch.setenv("CONCEPTOR_CACHE", str(tmp_path / "cache"))
     rc = main(["a snail", "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet", "--n-train", "2", "--n-val", "1",
                "--gen-steps", "1", "--dict-size", "12", "--n-tokens", "3", "--steps", "2", "--batch-size", "1",
@@ -54,6 +54,6 @@ def test_reproduce_the_paper_on_a_gpu(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    _, table = __import__("conceptor_nb.reproduce", fromlist=["run"]).run(
+    _, table = reproduce.run(
         ["a president", "a snail"], out=tmp_path, device="cuda", verbose=False)
     assert table["overlap@10"].sum() >= 2

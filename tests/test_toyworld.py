@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conceptor_nb.config import data_dir
-from conceptor_nb.toyworld.evaluate import score_decomposition, spearman
+from conceptor_nb.toyworld.metrics import score_decomposition, spearman
 from conceptor_nb.toyworld.oracle import Oracle
 from conceptor_nb.toyworld.render import render_dataset, render_glyph, render_word, sample_records
 from conceptor_nb.toyworld.spec import SpecError, load_spec, parse_spec
@@ -165,7 +165,7 @@ needs_toy = pytest.mark.skipif(
 @needs_toy
 def test_shipped_pipeline_draws_red_circles(spec, monkeypatch):
     from conceptor_nb.models import load_pipeline
-    from conceptor_nb.toyworld.evaluate import generate
+    from conceptor_nb.toyworld.metrics import images_of as generate
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def test_shipped_text_encoder_has_no_out_of_distribution_rows(spec):
     to it after every step), so the whole table's mean norm, Conceptor's rescaling target, is that norm."""
     from safetensors.torch import load_file
 
-    from conceptor_nb.toyworld.train import TrainConfig
+    from conceptor_nb.toyworld.nets import TrainConfig
 
     w = load_file(SHIPPED / "pipeline" / "text_encoder" / "model.safetensors")["embeddings.token_embedding.weight"]
     norms = w.float().norm(dim=-1)
@@ -213,7 +213,7 @@ def test_shipped_text_encoder_has_no_out_of_distribution_rows(spec):
 
 # --------------------------------------------------------------------------- seeds of a run's images
 def test_image_seeds_of_runs_are_disjoint():
-    from conceptor_nb.images import image_seeds
+    from conceptor_nb.method.generate import image_seeds
 
     sets = [set(image_seeds(s, 100)) | set(image_seeds(s, 20, "val")) for s in (0, 1, 2)]
     assert all(len(x) == 120 for x in sets)  # a run's training and validation images differ too
@@ -225,8 +225,8 @@ def test_image_seeds_of_runs_are_disjoint():
 
 
 def test_decomposition_seeds_follow_the_mapping():
-    from conceptor_nb.conceptor import Decomposition
-    from conceptor_nb.images import image_seeds
+    from conceptor_nb.method.decomposition import Decomposition
+    from conceptor_nb.method.generate import image_seeds
 
     dec = Decomposition(concept="fruit", tokens=["apple"], token_ids=[1], coefficients=[1.0], n_tokens=1, norm=None,
                         template="a photo of a {}", prompt="a photo of a fruit", model="toy", clip="toy",
@@ -236,7 +236,7 @@ def test_decomposition_seeds_follow_the_mapping():
 
 # --------------------------------------------------------------------------- scoring helpers
 def test_constituent_shares_and_drawn(spec):
-    from conceptor_nb.toyworld.evaluate import constituent_shares, drawn_constituents
+    from conceptor_nb.toyworld.metrics import constituent_shares, drawn_constituents
 
     gen = {"blue person": 0.85, "red person": 0.05, "other": 0.10}
     sh = constituent_shares(spec, "doctor", gen)
@@ -246,7 +246,7 @@ def test_constituent_shares_and_drawn(spec):
 
 
 def test_mixture_names_what_the_other_images_show(spec):
-    from conceptor_nb.toyworld.evaluate import mixture_proportions
+    from conceptor_nb.toyworld.metrics import mixture_proportions
 
     imgs = torch.from_numpy(np.concatenate([render_word(spec, "sun", 6, seed=2), render_word(spec, "orange circle", 3, seed=3),
                                             render_word(spec, "yellow triangle", 3, seed=4)]))
@@ -267,25 +267,25 @@ def _fake_generate(spec, recolour=None):
 
 
 def test_word_fidelity_counts_colour_and_shape_apart(spec, monkeypatch):
-    from conceptor_nb.toyworld import evaluate
+    from conceptor_nb.toyworld import diagnostics, metrics
 
-    monkeypatch.setattr(evaluate, "generate", _fake_generate(spec))
-    wf = evaluate.word_fidelity(None, spec, (1.0, 2.0), n=3)
+    monkeypatch.setattr(metrics, "images_of", _fake_generate(spec))
+    wf = diagnostics.word_fidelity(None, spec, (1.0, 2.0), n=3)
     assert list(wf) == ["1.0", "2.0"]
     assert set(wf["1.0"]["words"]) == set(spec.colour_words + spec.shape_words + spec.object_words)
     assert len(wf["1.0"]["pairs"]) == len(spec.colour_words) * len(spec.shape_words)
     assert all(v == 1.0 for v in wf["1.0"]["words"].values())
     assert all(v == {"both": 1.0, "colour": 1.0, "glyph": 1.0} for v in wf["2.0"]["pairs"].values())
     # a model that draws every colour word as purple: shapes right, colours right only for purple
-    monkeypatch.setattr(evaluate, "generate", _fake_generate(spec, recolour="purple"))
-    wf = evaluate.word_fidelity(None, spec, (1.0,), n=3)["1.0"]
+    monkeypatch.setattr(metrics, "images_of", _fake_generate(spec, recolour="purple"))
+    wf = diagnostics.word_fidelity(None, spec, (1.0,), n=3)["1.0"]
     assert wf["pairs"]["red circle"] == {"both": 0.0, "colour": 0.0, "glyph": 1.0}
     assert wf["pairs"]["purple cross"] == {"both": 1.0, "colour": 1.0, "glyph": 1.0}
     assert wf["words"]["red"] == 0.0 and wf["words"]["circle"] == 1.0
 
 
 def test_summary_has_top_k_stability_beside_top_10():
-    from conceptor_nb.toyworld.evaluate import summarise
+    from conceptor_nb.toyworld.report import summarise
 
     def row(words):
         return {"top": [[w, 0.1] for w in words], "dictionary_size": 20, "recall@5_spec": 1.0, "recall@5_drawn": 1.0,
@@ -300,7 +300,7 @@ def test_summary_has_top_k_stability_beside_top_10():
 
 
 def test_overlap_and_chance():
-    from conceptor_nb.toyworld.evaluate import chance_overlap, top_overlap
+    from conceptor_nb.toyworld.metrics import chance_overlap, top_overlap
 
     assert top_overlap(list("abcde"), list("abxyz")) == pytest.approx(0.4)
     assert chance_overlap(10, 28) == pytest.approx(10 / 28)
@@ -313,7 +313,8 @@ def test_overlap_and_chance():
 
 
 def test_report_markdown_and_readme_section(spec, tmp_path):
-    from conceptor_nb.toyworld.evaluate import fidelity, report_markdown, write_readme_section
+    from conceptor_nb.toyworld.metrics import fidelity
+    from conceptor_nb.toyworld.report import report_markdown, write_readme_section
 
     row = {"seed": 0, "top": [["apple", 0.3], ["lemon", 0.2]], "recall@5_spec": 1.0, "recall@5_drawn": 1.0,
            "drawn": ["apple", "lemon"], "not_world_in_top": [], "dictionary_size": 20}
@@ -350,7 +351,8 @@ def test_report_markdown_and_readme_section(spec, tmp_path):
 
 # --------------------------------------------------------------------------- training
 def test_train_config_round_trip_and_flags(tmp_path):
-    from conceptor_nb.toyworld.train import TrainConfig, build_parser, config_from_args
+    from conceptor_nb.toyworld.nets import TrainConfig
+    from conceptor_nb.toyworld.train import build_parser, config_from_args
 
     cfg = TrainConfig(seed=3, vocab_norm=None, unet_channels=[8, 16])
     cfg.save(tmp_path / "c.json")
@@ -366,7 +368,8 @@ def test_train_config_round_trip_and_flags(tmp_path):
 
 
 def test_prompt_free_low_noise_reassigns_captions_only_below_the_threshold():
-    from conceptor_nb.toyworld.train import build_parser, config_from_args, prompt_free_low_noise
+    from conceptor_nb.toyworld.nets import prompt_free_low_noise
+    from conceptor_nb.toyworld.train import build_parser, config_from_args
 
     g = torch.Generator().manual_seed(0)
     ids = torch.arange(64)[:, None].repeat(1, 5)  # caption i is row i
@@ -385,7 +388,7 @@ def test_prompt_free_low_noise_reassigns_captions_only_below_the_threshold():
 
 
 def test_project_rows_keeps_directions():
-    from conceptor_nb.toyworld.train import project_rows
+    from conceptor_nb.toyworld.nets import project_rows
 
     w = torch.randn(50, 8)
     before = torch.nn.functional.normalize(w, dim=-1)
@@ -490,7 +493,7 @@ def test_loss_by_timestep_is_the_fits_loss_per_noise_band(spec):
     """The diagnostic's bands partition the fit's loss: the same vector under two names gives the same numbers,
     and the uniform-t mean lies within the range of the band means."""
     from conceptor_nb.models import load_pipeline
-    from conceptor_nb.toyworld.evaluate import loss_by_timestep, timestep_diagnostic
+    from conceptor_nb.toyworld.diagnostics import loss_by_timestep, timestep_diagnostic
 
     pipe = load_pipeline("toy", device="cpu", dtype=torch.float32)
     images = torch.rand(4, 3, 32, 32)
@@ -508,9 +511,10 @@ def test_miss_check_tells_a_wrong_word_from_a_right_one(spec):
     reconstructs them worse by many standard errors; "promoting" a token already in 2nd place changes nothing
     (the paired difference is exactly 0); a word outside the dictionary is reported as such."""
     from conceptor_nb import load_pipeline
-    from conceptor_nb.conceptor import Decomposition, vocab_norm
+    from conceptor_nb.method.decomposition import Decomposition
+    from conceptor_nb.method.fit import vocab_norm
     from conceptor_nb.config import settings
-    from conceptor_nb.toyworld.evaluate import miss_check
+    from conceptor_nb.toyworld.diagnostics import miss_check
     from conceptor_nb.toyworld.render import render_word
 
     pipe = load_pipeline("toy", device="cpu", dtype=torch.float32)

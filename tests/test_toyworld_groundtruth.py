@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from conceptor_nb import decompose, detect_bias, explain_image, load_clip, load_pipeline, mitigate_bias, sweep
-from conceptor_nb.bias import shares
+from conceptor_nb.apps.bias import shares
 from conceptor_nb.config import settings
-from conceptor_nb.dictionary import build_dictionary
-from conceptor_nb.examples import colour_oracle, colour_share, toy_spec
-from conceptor_nb.toyworld.evaluate import score_decomposition
-from conceptor_nb.toyworld.oracle import Oracle
+from conceptor_nb.method.dictionary import build_dictionary
+from conceptor_nb.toyworld import Oracle, colour_oracle, colour_share, score_decomposition, toy_spec
 
 TOY = settings("toy")
 
@@ -109,7 +107,7 @@ def test_sweep_of_a_colour_is_monotone(toy, decs):
 
 # --------------------------------------------------------------------------- issue 11 targets, cheaper subset
 # Three concepts (a mixture, the biased one, a colour mixture), two runs whose seeds pick disjoint concept
-# images (conceptor_nb.images.image_seeds), 150 fit steps instead of the profile's 300. The full measurement
+# images (conceptor_nb.method.generate.image_seeds), 150 fit steps instead of the profile's 300. The full measurement
 # is `python -m conceptor_nb.toyworld.evaluate --decompose --seeds 0,1,2` (conceptor_nb/data/toyworld/README.md).
 TARGET_CONCEPTS = ("fruit", "doctor", "leaf")
 CHEAP = TOY.replace(steps=150)
@@ -117,7 +115,7 @@ CHEAP = TOY.replace(steps=150)
 
 @pytest.fixture(scope="module")
 def runs(toy):
-    from conceptor_nb.toyworld.evaluate import drawn_constituents, mixture_proportions
+    from conceptor_nb.toyworld.metrics import drawn_constituents, mixture_proportions
 
     pipe, clip, cache = toy
     spec, oracle = toy_spec(), Oracle(toy_spec())
@@ -159,7 +157,7 @@ def test_target2_no_meaningless_token_in_top5(runs):
 @pytest.mark.xfail(strict=True, reason="issue 11 target 3 is missed on the shipped weights: top-10 stability "
                    "0.87 across three runs in the full evaluation, against a chance overlap of 0.48")
 def test_target3_top10_stable_across_runs(runs):
-    from conceptor_nb.toyworld.evaluate import chance_overlap, top_overlap
+    from conceptor_nb.toyworld.metrics import chance_overlap, top_overlap
 
     for c in TARGET_CONCEPTS:
         a, b = runs[c, 0][0], runs[c, 1][0]

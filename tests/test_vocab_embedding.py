@@ -1,36 +1,22 @@
-"""The vocabulary embedding's fast paths (conceptor_nb.dictionary): the last layer's EOS-only pass equals the
+"""The vocabulary embedding's fast paths (conceptor_nb.method.vocab): the last layer's EOS-only pass equals the
 plain forward pass, bf16 agrees with fp32, and the two precisions never share a cache entry. Tiny shapes: the
 fake CLIP ViT-B/32 of tests/fakehub.py (real config, shrunk widths, random weights)."""
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fakehub  # noqa: E402
-
-from conceptor_nb import conceptor as conceptor_mod  # noqa: E402
-from conceptor_nb import dictionary  # noqa: E402
-from conceptor_nb.models import load_clip  # noqa: E402
+import fakehub  # tests/fakehub.py; the hub fixture is in conftest.py
+from conceptor_nb.method import vocab as conceptor_mod  # noqa: E402
+from conceptor_nb.method import vocab as dictionary  # noqa: E402
+from conceptor_nb.clip import load_clip  # noqa: E402
 
 TEMPLATES = ("a photo of a {}", "a cropped photo of the {}", "{} on a table")
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf_home")
-    fakehub.build(home, fakehub.CLIP_B32)
-    old = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE")}
-    os.environ.update(HF_HOME=str(home), HF_HUB_OFFLINE="1")
-    os.environ.pop("HF_HUB_CACHE", None)
-    try:
+def clip(hub):
+    with hub.env(fakehub.CLIP_B32):
         yield load_clip(fakehub.CLIP_B32, device="cpu")
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _ids(clip, step=997):

@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import data_dir
+from ..clip import clip_tokenizer
+from ..config import TEMPLATE, data_dir
 
 PRIMITIVES = ("ellipse", "rect", "polygon")
 KINDS = ("attribute", "object", "concept")
@@ -164,7 +165,7 @@ def parse_spec(raw: dict, path: Path | None = None) -> Spec:
     size = _req(raw, "image_size", "spec", int)
     if size < 8 or size % 2:
         raise SpecError(f"spec.image_size must be an even number >= 8, got {size}")
-    template = raw.get("template", "a photo of a {}")
+    template = raw.get("template", TEMPLATE)
     if not isinstance(template, str) or template.count("{}") != 1:
         raise SpecError(f"spec.template must contain exactly one '{{}}', got {template!r}")
     filler = raw.get("filler_word", "thing")
@@ -352,10 +353,7 @@ def parse_spec(raw: dict, path: Path | None = None) -> Spec:
 
 def check_single_tokens(spec: Spec, tokenizer=None) -> None:
     """Every world word must be one CLIP token (Conceptor's dictionary is made of tokens)."""
-    if tokenizer is None:
-        from ..tiny import clip_tokenizer
-
-        tokenizer = clip_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else clip_tokenizer()
     bad = []
     for w in spec.world_words:
         ids = tokenizer(w, add_special_tokens=False).input_ids

@@ -1,47 +1,32 @@
-"""Train the toy world's models from a spec: a VAE, a text-to-image UNet with its CLIP text
-encoder (full 49,408-token vocabulary), and a small contrastive CLIP.
+"""Train the toy world's models from a spec: a VAE, a text-to-image UNet with its CLIP text encoder (full
+49,408-token vocabulary) and a small contrastive CLIP. Modes: all, clip, diffusion (on a given VAE).
 
     python -m conceptor_nb.toyworld.train --spec conceptor_nb/data/toyworld/spec.json --out DIR --seed 0
-
-writes ``DIR/pipeline`` (a diffusers StableDiffusionPipeline folder), ``DIR/clip`` (a
-transformers CLIPModel folder with tokenizer and preprocessor_config.json), ``DIR/train_log.json``
-and ``DIR/train_config.json`` (the :class:`TrainConfig` that made them; ``--config`` reads one
-back). ``--quick`` runs a few steps of everything (a smoke test).
-
-Modes, one function each: :func:`train_all` (``--mode all``: VAE, CLIP, UNet + text encoder),
-:func:`train_clip_only` (``--mode clip``), :func:`train_diffusion_only` (``--mode diffusion``:
-UNet + text encoder on the VAE of ``init_from``, fresh or, with ``resume``, continuing its
-UNet + text encoder).
-
-Steps: render a fixed, balanced dataset once; train the VAE on it and encode every image
-(and its mirror) to latents once; train CLIP; train UNet + text encoder (EMA weights are
-saved). Captions come from the spec's caption forms; 10% are dropped to "" for
-classifier-free guidance, and a share gets 1-3 random vocabulary tokens inserted as
-distractors the images ignore, so that every row of the token table is trained.
-With ``vocab_norm`` set (the default), every row of the text encoder's token table is kept at
-that one norm throughout training (projected back after every step), so the whole table's mean
-norm, to which Conceptor rescales its pseudo-token, is a norm the model was trained on.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
+from ..clip import clip_tokenizer, features_of
+from ..io import atomic_write, dumps
+from ..method.fit import encode_latents
+from .diagnostics import vocab_norms
+from .nets import (BOS, EMA, EOS, QUICK, VOCAB, TrainConfig, fit_budget, init_token_table, log, lr_at, make_scheduler,
+                   make_unet, make_vae, param_groups, project_rows, prompt_free_low_noise, save_clip, save_pipeline,
+                   text_config)
 from .render import Record, render_dataset
 from .spec import Spec, load_spec
 
-VOCAB = 49408
-BOS, EOS = 49406, 49407
+ENCODE_BATCH = 512  # images per VAE call when the dataset is encoded to latents
 
 
 # --------------------------------------------------------------------------- captions
@@ -54,7 +39,6 @@ class Captioner:
         protect = set()
         for w in spec.world_words + spec.template.replace("{}", "").split():
             protect.update(tokenizer(w, add_special_tokens=False).input_ids)
-        self.world_ids = sorted({tokenizer(w, add_special_tokens=False).input_ids[0] for w in spec.world_words})
         pool = np.ones(VOCAB, dtype=bool)
         pool[list(protect)] = False
         pool[[BOS, EOS]] = False
@@ -91,107 +75,6 @@ class Captioner:
         return self.encode(texts, rng, distract=distract, length=length), texts
 
 
-# --------------------------------------------------------------------------- models
-def text_config(width: int, layers: int, projection: int | None = None):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=VOCAB, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-        num_attention_heads=max(1, width // 16), max_position_embeddings=77, bos_token_id=BOS,
-        eos_token_id=EOS, pad_token_id=EOS, projection_dim=projection or width,
-    )
-
-
-def init_token_table(emb: torch.nn.Embedding, norm: float, gen: torch.Generator, exact: bool = False):
-    """Random rows with expected norm ``norm`` (the default init gives ~0.02*sqrt(d));
-    ``exact``: every row exactly at ``norm``."""
-    with torch.no_grad():
-        d = emb.weight.shape[1]
-        w = torch.randn(emb.weight.shape, generator=gen)
-        w = F.normalize(w, dim=-1) * norm if exact else w * (norm / math.sqrt(d))
-        emb.weight.copy_(w.to(emb.weight.device, emb.weight.dtype))
-
-
-@torch.no_grad()
-def project_rows(weight: torch.Tensor, norm: float):
-    """Put every row of a token table back at ``norm`` (directions kept)."""
-    weight.copy_(F.normalize(weight.float(), dim=-1).mul_(norm).to(weight.dtype))
-
-
-def make_vae(cfg, image_size: int):
-    from diffusers import AutoencoderKL
-
-    ch = tuple(cfg.vae_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
-        up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, latent_channels=4,
-        layers_per_block=1, norm_num_groups=min(16, ch[0]), sample_size=image_size,
-        mid_block_add_attention=False,
-    )
-
-
-def make_unet(cfg, latent: int):
-    from diffusers import UNet2DConditionModel
-
-    ch = tuple(cfg.unet_channels)
-    return UNet2DConditionModel(
-        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=cfg.unet_layers,
-        block_out_channels=ch, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(ch) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(ch) - 1) + ("UpBlock2D",), cross_attention_dim=cfg.text_width,
-        attention_head_dim=8, norm_num_groups=min(16, ch[0]),
-    )
-
-
-def make_scheduler():
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", steps_offset=1,
-                         clip_sample=False)
-
-
-def lr_at(step: int, total: int, base: float, warmup: int = 100, final: float = 0.1) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
-def fit_budget(step: int, t0: float, total: int, minutes: float | None, probe: int = 15, requested: int | None = None) -> int:
-    """At ``probe`` steps (and again at 10x and 50x ``probe``, when warm-up no longer weighs on the
-    estimate), set ``total`` (at most ``requested``) so the stage ends within ``minutes`` (None: no limit)."""
-    if minutes and step in (probe, 10 * probe, 50 * probe) and step < total:
-        per = (time.time() - t0) / step
-        total = max(step + 1, min(requested or total, int(minutes * 60 / per)))
-        log(f"  {per:.3f}s/step: {total} steps fit in {minutes} min")
-    return total
-
-
-def param_groups(model, wd: float, no_decay_params=()):
-    nd = {id(p) for p in no_decay_params}
-    dec = [p for p in model.parameters() if p.requires_grad and id(p) not in nd and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and (id(p) in nd or p.ndim < 2)]
-    return [{"params": dec, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
-
-
-class EMA:
-    def __init__(self, model, decay: float):
-        self.decay, self.shadow = decay, copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model, step: int):
-        d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow.parameters(), model.parameters()):
-            s.lerp_(p.detach(), 1 - d)
-
-
-def _feat(out):
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def log(msg: str):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # --------------------------------------------------------------------------- stages
 def train_vae(cfg, images: torch.Tensor, gen: torch.Generator, rng, image_size: int):
     """Returns (vae, steps done)."""
@@ -219,21 +102,8 @@ def train_vae(cfg, images: torch.Tensor, gen: torch.Generator, rng, image_size: 
     return vae, total
 
 
-@torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """Latent means of uint8 images (on the VAE's device, returned on the CPU)."""
-    dev = next(vae.parameters()).device
-    out = []
-    for i in range(0, len(images), batch):
-        x = (images[i : i + batch].float() / 127.5 - 1).to(dev)
-        out.append(vae.encode(x).latent_dist.mean.cpu())
-    return torch.cat(out)
-
-
 def train_clip(cfg, spec, cap: Captioner, images: torch.Tensor, recs, rng, gen):
     """Returns (model on the CPU, image mean, image std, steps done)."""
-    from transformers import CLIPConfig, CLIPModel
-
     dev = cfg.device
 
     vision = dict(hidden_size=cfg.clip_vision_width, intermediate_size=4 * cfg.clip_vision_width,
@@ -275,8 +145,8 @@ def train_clip(cfg, spec, cap: Captioner, images: torch.Tensor, recs, rng, gen):
         null_row = [BOS] + cap.ids_of(spec.template.format("").strip()) + [EOS]
         null[0, : len(null_row)] = torch.tensor(null_row)
         ids = torch.cat([ids, null]).to(dev)
-        img_f = F.normalize(_feat(model.get_image_features(pixel_values=x)), dim=-1)
-        txt_all = F.normalize(_feat(model.get_text_features(input_ids=ids)), dim=-1)
+        img_f = F.normalize(features_of(model.get_image_features(pixel_values=x)), dim=-1)
+        txt_all = F.normalize(features_of(model.get_text_features(input_ids=ids)), dim=-1)
         txt_f, null_f = txt_all[:-1], txt_all[-1:]
         # unknown words mean nothing: "a photo of a <random token>" should embed like "a photo of a",
         # which (as a negative column below) matches no image better than its own caption
@@ -302,54 +172,10 @@ def train_clip(cfg, spec, cap: Captioner, images: torch.Tensor, recs, rng, gen):
     return model, mean.tolist(), std.tolist(), total
 
 
-def save_clip(model, tokenizer, mean, std, out: Path, size: int, fp16: bool):
-    out.mkdir(parents=True, exist_ok=True)
-    m = copy.deepcopy(model).cpu()
-    if fp16:
-        m = m.half()
-    m.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-        "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std,
-        "do_convert_rgb": True, "resample": 3,
-    }, indent=2))
-
-
-def save_pipeline(vae, text_encoder, unet, tokenizer, out: Path, fp16: bool):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae).cpu(), text_encoder=copy.deepcopy(text_encoder).cpu(), tokenizer=tokenizer,
-        unet=copy.deepcopy(unet).cpu(), scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    if fp16:
-        pipe.to(dtype=torch.float16)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-
-
-def prompt_free_low_noise(ids: torch.Tensor, t: torch.Tensor, below: float, num_train_timesteps: int,
-                          gen: torch.Generator) -> torch.Tensor:
-    """Captions ``ids`` (B, L) where each example with ``t < below * num_train_timesteps`` gets the caption of
-    another example of the batch (a random permutation): at those noise levels the prompt is independent of the
-    picture, so the best prediction ignores it. The marginal distribution of captions is unchanged (the same
-    captions, reassigned); the other examples keep their own."""
-    low = t.to(ids.device) < below * num_train_timesteps
-    if not bool(low.any()):
-        return ids
-    perm = torch.randperm(len(ids), generator=gen, device=gen.device).to(ids.device)
-    return torch.where(low[:, None], ids[perm], ids)
-
-
 def train_diffusion(cfg, spec, cap, latents, latents_flip, recs, rng, gen, vae, tokenizer, out: Path,
                     text=None, unet=None):
     """UNet + text encoder under the diffusion loss; returns (EMA unet, EMA text encoder, loss history,
     steps done). With ``cfg.vocab_norm`` every token row is projected back to that norm after every step."""
-    from transformers import CLIPTextModel
-
     dev = cfg.device
     torch.manual_seed(cfg.seed + 11)
     if text is None:
@@ -414,98 +240,11 @@ def train_diffusion(cfg, spec, cap, latents, latents_flip, recs, rng, gen, vae, 
     return ema_u.shadow, ema_t.shadow, hist, total
 
 
-def vocab_norms(text_model, spec, tokenizer) -> dict:
-    w = text_model.get_input_embeddings().weight.detach().float()
-    norms = w.norm(dim=-1)
-    ids = [tokenizer(x, add_special_tokens=False).input_ids[0] for x in spec.world_words]
-    return {"mean_norm_all": norms.mean().item(), "mean_norm_world": norms[ids].mean().item(),
-            "ratio_all_over_world": (norms.mean() / norms[ids].mean()).item()}
-
-
-# --------------------------------------------------------------------------- configuration
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved as ``train_config.json`` next to the weights."""
-
-    spec: str | None = None  # spec JSON (None: the shipped conceptor_nb/data/toyworld/spec.json)
-    seed: int = 0  # also picks the rendered dataset: another seed, fresh data
-    n_images: int = 40000
-    concept_share: float | None = None  # share of hidden-concept captions (None: the spec's sampling.kinds)
-    device: str = "cpu"
-    threads: int = 1  # torch CPU threads (1 avoids OpenMP thrashing on a shared 2-core machine)
-    fp16: bool = True  # save fp16 weights
-    # mode "diffusion": the pipeline folder whose VAE is used; resume: also continue its UNet + text encoder
-    init_from: str | None = None
-    resume: bool = False
-    # vae
-    vae_channels: list = field(default_factory=lambda: [16, 32])
-    vae_steps: int = 800
-    vae_batch: int = 16
-    vae_lr: float = 1e-3
-    vae_kl: float = 1e-4
-    vae_minutes: float | None = None  # cap a stage's time (its steps shrink to fit)
-    # text encoder + unet
-    text_width: int = 64
-    text_layers: int = 3
-    token_norm: float = 0.35  # initial expected row norm when vocab_norm is None (and for CLIP)
-    vocab_norm: float | None = 0.5  # every token row kept at this norm throughout training (None: free)
-    unet_channels: list = field(default_factory=lambda: [32, 64])
-    unet_layers: int = 1
-    steps: int = 2500
-    batch: int = 32
-    lr: float = 1e-3
-    ema: float = 0.998
-    warmup: int = 100
-    unet_minutes: float | None = None
-    save_every: int = 0  # save the EMA pipeline every this many steps (0: only at the end)
-    # below this fraction of the noise schedule the captions are shuffled across the batch: there the prompt
-    # says nothing about the picture, so the model learns low-noise predictions that do not depend on it
-    # (0: off, every caption stays with its image)
-    prompt_free_below: float = 0.0
-    # clip
-    clip_steps: int = 1500
-    clip_batch: int = 128
-    clip_negatives: int = 64
-    clip_lr: float = 1e-3
-    clip_null_weight: float = 1.0  # pull "a photo of a <random token>" towards "a photo of a"
-    clip_len: int = 16
-    clip_vision_width: int = 96
-    clip_vision_layers: int = 4
-    clip_patch: int = 4
-    clip_text_layers: int = 3
-    clip_proj: int = 64
-    clip_minutes: float | None = None
-
-    def replace(self, **kw) -> "TrainConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
-
-    @classmethod
-    def load(cls, path) -> "TrainConfig":
-        d = json.loads(Path(path).read_text())
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown TrainConfig fields {sorted(unknown)}")
-        return cls(**d)
-
-
-QUICK = dict(n_images=256, vae_steps=3, vae_batch=8, steps=3, batch=8, save_every=0, clip_steps=3, clip_batch=16,
-             clip_negatives=8, unet_channels=[16, 32], vae_channels=[8, 16], clip_vision_width=32,
-             clip_vision_layers=1, text_layers=1, clip_text_layers=1)
-
-
 # --------------------------------------------------------------------------- modes
 class _Run:
     """What every mode shares: spec, tokenizer, captioner, the rendered dataset, the report."""
 
     def __init__(self, cfg: TrainConfig, out):
-        from ..tiny import clip_tokenizer
-
         torch.manual_seed(cfg.seed)
         self.cfg, self.out = cfg, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -537,18 +276,17 @@ class _Run:
         self.report["steps_done"]["clip"] = done
         log(f"clip saved ({time.time() - t:.0f}s)")
 
+    @torch.no_grad()
     def latents(self, vae, fresh: bool):
-        with torch.no_grad():
-            latents = encode_latents(vae, self.images)
-            latents_flip = encode_latents(vae, self.images.flip(-1))
-            sf = 1.0 / latents.std().item() if fresh else float(vae.config.scaling_factor)
-            vae.register_to_config(scaling_factor=sf)
-            x = self.images[:256].float() / 127.5 - 1
-            dev = next(vae.parameters()).device
-            rec = vae.decode(vae.encode(x.to(dev)).latent_dist.mean).sample.clamp(-1, 1).cpu()
+        """The dataset's latents and its mirror's, scaled (a fresh VAE's scaling factor: 1 / their std)."""
+        latents, flipped = (encode_latents(vae, x, ENCODE_BATCH, scale=False).cpu() for x in (self.images, self.images.flip(-1)))
+        sf = 1.0 / latents.std().item() if fresh else float(vae.config.scaling_factor)
+        vae.register_to_config(scaling_factor=sf)
+        x = self.images[:256].float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x.to(vae.device)).latent_dist.mean).sample.clamp(-1, 1).cpu()
         self.report["vae"] = {"scaling_factor": sf, "recon_mse_[-1,1]": F.mse_loss(rec, x).item()}
         log(f"vae: scaling_factor {sf:.4f}, recon mse {self.report['vae']['recon_mse_[-1,1]']:.5f}")
-        return latents * sf, latents_flip * sf
+        return latents * sf, flipped * sf
 
     def diffusion(self, vae, latents, latents_flip, **init):
         t = time.time()
@@ -562,7 +300,7 @@ class _Run:
 
     def finish(self, name: str = "train_log.json") -> dict:
         self.report["times_s"]["total"] = time.time() - self.t0
-        (self.out / name).write_text(json.dumps(self.report, indent=2, default=str))
+        atomic_write(self.out / name, dumps(self.report, indent=2))
         log(f"done in {self.report['times_s']['total']:.0f}s; {self.report.get('vocab_norms', '')}")
         return self.report
 
@@ -590,9 +328,6 @@ def train_clip_only(cfg: TrainConfig, out) -> dict:
 def train_diffusion_only(cfg: TrainConfig, out) -> dict:
     """UNet + text encoder on the VAE of ``cfg.init_from`` (fresh; with ``cfg.resume``, continuing
     that pipeline's UNet + text encoder): ``out/pipeline``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     if not cfg.init_from:
         raise ValueError("mode 'diffusion' needs init_from (a pipeline folder whose VAE to use)")
     src = Path(cfg.init_from)

@@ -1,15 +1,13 @@
-"""The examples the notebooks use, per profile, so the same notebook runs on the toy world and on
-Stable Diffusion with no edit but ``CONCEPTOR_PROFILE``.
-
-On the toy world every example has a known answer (``ground_truth``): the spec says what each
-hidden concept is made of, and a pixel oracle reads the colour of any image. On Stable Diffusion
-there is no oracle: the notebooks fall back to CLIP and skip the ground-truth checks.
-"""
+"""The examples the notebooks use, per profile, so the same notebook runs on the toy world and on Stable
+Diffusion with no edit but ``CONCEPTOR_PROFILE``. On the toy world every example has a known answer: the spec
+says what each hidden concept is made of, and the pixel oracle reads the colour of any image."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import profile_name
+from ..config import profile_name
+from .oracle import Oracle
+from .spec import Spec, load_spec
 
 
 @dataclass(frozen=True)
@@ -47,31 +45,25 @@ def examples(profile: str | None = None) -> Examples:
     return SD if (profile or profile_name()) == "sd" else TOY
 
 
-def toy_spec():
-    from .toyworld.spec import load_spec
-
+def toy_spec() -> Spec:
+    """The shipped toy world's spec."""
     return load_spec(None)
 
 
 def colour_oracle(values=None):
-    """A ground-truth classifier for the toy world: images -> the colour word the pixels show
-    (``None`` when the oracle finds no glyph). ``values``: keep only these (others -> ``None``)."""
-    from .toyworld.oracle import Oracle
-
+    """A ground-truth classifier for the toy world: images -> the colour word the pixels show (``None`` when
+    the oracle finds no glyph). ``values``: keep only these (others -> ``None``)."""
     oracle = Oracle(toy_spec())
     keep = None if values is None else set(values)
 
     def classify(images):
-        out = []
-        for r in oracle(images):
-            out.append(r.colour if keep is None or r.colour in keep else None)
-        return out
+        return [r.colour if keep is None or r.colour in keep else None for r in oracle(images)]
 
     return classify
 
 
 def colour_share(colour: str):
-    """images -> the share the oracle reads as ``colour`` (a ``measure`` for :func:`sweep`)."""
+    """images -> the share the oracle reads as ``colour`` (a ``measure`` for :func:`conceptor_nb.sweep`)."""
     classify = colour_oracle()
 
     def share(images) -> float:
@@ -79,4 +71,3 @@ def colour_share(colour: str):
         return sum(lab == colour for lab in labels) / max(1, len(labels))
 
     return share
-

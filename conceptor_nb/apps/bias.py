@@ -1,8 +1,6 @@
-"""Bias detection (from the coefficients and from the images) and mitigation (by rebalancing coefficients).
-
-An *attribute* is a dict from value to words, e.g. ``{"man": ["man", "boy"],
-"woman": ["woman", "girl"]}``.
-"""
+"""Bias: which value of an attribute a concept leans to (from its coefficients and from its images), and
+mitigation by raising the under-represented value's coefficient. An *attribute* maps each value to its
+words, e.g. ``{"man": ["man", "boy"], "woman": ["woman", "girl"]}``."""
 from __future__ import annotations
 
 import math
@@ -11,21 +9,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
 import torch
 
-from .checks import (as_images, bad, check_callable, check_decomposition, check_float, check_int, check_pipe,
-                     check_seed, check_seeds, check_template, pipeline_resolution)
-from .conceptor import Decomposition
-from .config import default_clip_for
-from .results import load_result, save_result
+from ..checks import (as_images, bad, check_callable, check_float, check_int, check_pipe, check_seed, check_seeds,
+                      check_template, pipeline_resolution)
+from ..clip import clip_for
+from ..config import TEMPLATE
+from ..io import load_result, save_result
+from ..method.decomposition import Decomposition, check_decomposition
+from ..viz import axes
+from . import Saved
 
 Classifier = Callable[[torch.Tensor], list]
 
 
 def _check_attribute(attribute: dict) -> dict:
-    accepted = "a dict mapping at least two values to word lists, e.g. {'man': ['man'], 'woman': ['woman']}"
     if not isinstance(attribute, dict) or len(attribute) < 2:
-        raise bad("attribute", attribute, accepted)
+        raise bad("attribute", attribute,
+                  "a dict mapping at least two values to word lists, e.g. {'man': ['man'], 'woman': ['woman']}")
     out = {}
     for value, words in attribute.items():
         words = [words] if isinstance(words, str) else list(words) if isinstance(words, (list, tuple, set)) else None
@@ -46,22 +48,17 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
-def zero_shot_classifier(clip, attribute: dict, template: str = "a photo of a {}") -> Classifier:
+def zero_shot_classifier(clip, attribute: dict, template: str = TEMPLATE) -> Classifier:
     """A CLIP zero-shot classifier: each image goes to the value whose words' mean text embedding is closest."""
     attribute = _check_attribute(attribute)
     values = list(attribute)
-    protos = torch.stack([torch.nn.functional.normalize(clip.text_features([template.format(w) for w in ws]).mean(0), dim=0)
-                          for ws in attribute.values()])
-
-    def classify(images: torch.Tensor) -> list[str]:
-        return [values[i] for i in (clip.image_features(images) @ protos.T).argmax(-1).tolist()]
-
-    return classify
+    protos = torch.stack([torch.nn.functional.normalize(clip.text_features([template.format(w) for w in ws]).mean(0),
+                                                        dim=0) for ws in attribute.values()])
+    return lambda images: [values[i] for i in (clip.image_features(images) @ protos.T).argmax(-1).tolist()]
 
 
 def shares(labels: list, values: list[str]) -> dict[str, float]:
-    """Each value's share among the labels that are one of ``values`` (a classifier may answer
-    ``None`` or another value for an image that shows none of them; those do not count)."""
+    """Each value's share among the labels that are one of ``values`` (others, e.g. None, do not count)."""
     n = max(1, sum(1 for x in labels if x in values))
     return {v: sum(1 for x in labels if x == v) / n for v in values}
 
@@ -75,9 +72,10 @@ def coefficient_mass(dec: Decomposition, attribute: dict, n_tokens: int | None =
 
 
 @dataclass
-class BiasReport:
+class BiasReport(Saved):
     """How a concept splits over the values of an attribute, measured two (or three) ways."""
 
+    kind = "bias_report"
     concept: str
     values: list[str]
     coefficient_share: dict            # value -> share of the top-n coefficient mass
@@ -92,66 +90,37 @@ class BiasReport:
     def majority(self) -> str:
         return max(self.values, key=lambda v: self.image_share[v])
 
-    def to_frame(self):
-        import pandas as pd
-
-        rows = []
-        for v in self.values:
-            rows.append({"value": v, "coefficient_share": self.coefficient_share.get(v, float("nan")),
-                         "image_share": self.image_share[v], "ci_low": self.image_ci[v][0], "ci_high": self.image_ci[v][1],
-                         "oracle_share": (self.oracle_share or {}).get(v, float("nan"))})
-        return pd.DataFrame(rows)
+    def to_frame(self) -> pd.DataFrame:
+        nan = float("nan")
+        return pd.DataFrame([{"value": v, "coefficient_share": self.coefficient_share.get(v, nan),
+                              "image_share": self.image_share[v], "ci_low": self.image_ci[v][0],
+                              "ci_high": self.image_ci[v][1], "oracle_share": (self.oracle_share or {}).get(v, nan)}
+                             for v in self.values])
 
     def plot(self, ax=None):
         """Bars per value: coefficient mass, CLIP image share (with its interval) and, if any, the oracle."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(5, 3))
+        ax = axes(ax, (5, 3))
         f = self.to_frame()
         kinds = [("coefficient_share", "coefficients"), ("image_share", "images (CLIP)")]
-        if self.oracle_share:
-            kinds.append(("oracle_share", "images (oracle)"))
+        kinds += [("oracle_share", "images (oracle)")] if self.oracle_share else []
         w = 0.8 / len(kinds)
         for j, (col, label) in enumerate(kinds):
-            x = [i + (j - (len(kinds) - 1) / 2) * w for i in range(len(f))]
-            err = None
-            if col == "image_share":
-                err = [f["image_share"] - f["ci_low"], f["ci_high"] - f["image_share"]]
-            ax.bar(x, f[col], width=w, label=label, yerr=err, capsize=3, color=f"C{j}")
+            err = [f["image_share"] - f["ci_low"], f["ci_high"] - f["image_share"]] if col == "image_share" else None
+            ax.bar([i + (j - (len(kinds) - 1) / 2) * w for i in range(len(f))], f[col], width=w, label=label, yerr=err,
+                   capsize=3, color=f"C{j}")
         ax.set_xticks(range(len(f)), f["value"])
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("share")
-        ax.set_title(f"{self.concept}: bias")
+        ax.set(ylim=(0, 1), ylabel="share", title=f"{self.concept}: bias")
         ax.legend(fontsize=8)
         return ax
-
-    def save(self, folder, overwrite: bool = False):
-        return save_result(self, folder, "bias_report", overwrite)
-
-    @classmethod
-    def load(cls, folder) -> "BiasReport":
-        return load_result(cls, folder, "bias_report")
-
-
-def _report(concept, values, coef_share, labels, oracle_labels=None, settings=None) -> BiasReport:
-    n = len(labels)
-    counts = {v: sum(1 for x in labels if x == v) for v in values}
-    return BiasReport(
-        concept=concept, values=values, coefficient_share=coef_share, image_share={v: counts[v] / max(1, n) for v in values},
-        image_ci={v: list(wilson(counts[v], n)) for v in values}, n_images=n,
-        oracle_share=shares(oracle_labels, values) if oracle_labels is not None else None,
-        labels=list(labels), settings=settings or {},
-    )
 
 
 def detect_bias(pipe, dec: Decomposition, attribute: dict, *, clip=None, images: torch.Tensor | None = None,
                 n: int | None = None, seed: int | None = None, oracle: Classifier | None = None,
-                class_template: str = "a photo of a {}", cache_dir=None, verbose: bool = False) -> BiasReport:
+                class_template: str = TEMPLATE, cache_dir=None, verbose: bool = False) -> BiasReport:
     """Detect which value of ``attribute`` the concept leans to, from the coefficients and from images.
 
-    ``images``: the concept's images (default: its generated training images,
-    from the cache). ``oracle``: a ground-truth classifier, images -> values.
+    ``images``: the concept's images (default: its generated training images, from the cache).
+    ``oracle``: a ground-truth classifier, images -> values.
     """
     check_pipe(pipe)
     check_decomposition("dec", dec)
@@ -162,22 +131,25 @@ def detect_bias(pipe, dec: Decomposition, attribute: dict, *, clip=None, images:
     check_template("class_template", class_template)
     if images is not None:
         images = as_images(images, "images", pipeline_resolution(pipe))
-    if clip is None:
-        from .models import load_clip
-
-        clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
+    clip = clip_for(pipe, clip or dec.clip or None)
     if images is None:
-        images = dec.concept_images(pipe, n or dec.settings.n_train, seed=seed, cache_dir=cache_dir,
-                                    verbose=verbose)
+        images = dec.concept_images(pipe, n or dec.settings.n_train, seed=seed, cache_dir=cache_dir, verbose=verbose)
     labels = zero_shot_classifier(clip, attribute, class_template)(images)
-    return _report(dec.concept, list(attribute), coefficient_mass(dec, attribute), labels,
-                   oracle(images) if oracle is not None else None, {"attribute": attribute, "class_template": class_template})
+    values = list(attribute)
+    counts = {v: sum(1 for x in labels if x == v) for v in values}
+    return BiasReport(
+        concept=dec.concept, values=values, coefficient_share=coefficient_mass(dec, attribute),
+        image_share={v: counts[v] / max(1, len(labels)) for v in values},
+        image_ci={v: list(wilson(counts[v], len(labels))) for v in values}, n_images=len(labels),
+        oracle_share=shares(oracle(images), values) if oracle is not None else None, labels=list(labels),
+        settings={"attribute": attribute, "class_template": class_template})
 
 
 @dataclass
-class Mitigation:
+class Mitigation(Saved):
     """A rebalanced decomposition and the distributions before and after."""
 
+    kind = "mitigation"
     concept: str
     target: dict                     # value -> wanted share
     token: str                       # the token whose coefficient was calibrated
@@ -190,54 +162,47 @@ class Mitigation:
     mitigated: Decomposition | None = None  # the rebalanced decomposition (saved in the subfolder mitigated/)
     settings: dict = field(default_factory=dict)
 
-    def to_frame(self):
-        import pandas as pd
-
+    def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame([{"value": v, "target": self.target.get(v, float("nan")), "before": self.before[v],
                               "after": self.after[v]} for v in self.before])
 
     def plot(self, ax=None):
         """Before/after bars per value, with the target."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(5, 3))
+        ax = axes(ax, (5, 3))
         f = self.to_frame()
         x = range(len(f))
         ax.bar([i - 0.2 for i in x], f["before"], width=0.4, label="before", color="C7")
         ax.bar([i + 0.2 for i in x], f["after"], width=0.4, label="after", color="C2")
         ax.scatter(list(x), f["target"], marker="_", s=600, color="k", label="target", zorder=3)
         ax.set_xticks(list(x), f["value"])
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("share of images")
-        ax.set_title(f"{self.concept}: {self.token} {self.coefficient_before:.3g} -> {self.coefficient_after:.3g}")
+        ax.set(ylim=(0, 1), ylabel="share of images",
+               title=f"{self.concept}: {self.token} {self.coefficient_before:.3g} -> {self.coefficient_after:.3g}")
         ax.legend(fontsize=8)
         return ax
 
     def save(self, folder, overwrite: bool = False):
         """``mitigation.json`` and the mitigated decomposition in ``mitigated/``."""
-        folder = save_result(replace(self, mitigated=None), folder, "mitigation", overwrite)
+        folder = save_result(replace(self, mitigated=None), folder, self.kind, overwrite)
         if self.mitigated is not None:
             self.mitigated.save(Path(folder) / "mitigated", overwrite=overwrite)
         return folder
 
     @classmethod
     def load(cls, folder) -> "Mitigation":
-        m = load_result(cls, folder, "mitigation")
+        m = load_result(cls, folder, cls.kind)
         if (Path(folder) / "mitigated" / "decomposition.json").exists():
             m.mitigated = Decomposition.load(Path(folder) / "mitigated")
         return m
 
 
-def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None = None, *, classifier: Classifier | None = None,
-                  clip=None, seeds=None, n: int = 32, tolerance: float = 0.05, max_rounds: int = 8,
-                  steps: int | None = None, verbose: bool = False) -> Mitigation:
+def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None = None, *,
+                  classifier: Classifier | None = None, clip=None, seeds=None, n: int = 32, tolerance: float = 0.05,
+                  max_rounds: int = 8, steps: int | None = None, verbose: bool = False) -> Mitigation:
     """Raise the under-represented value's token until renders meet ``target`` (default: equal shares).
 
-    The token is the strongest word of that value in the decomposition, or its
-    first word added to it. Each round renders the same ``seeds`` and measures
-    the shares with ``classifier`` (default: CLIP zero-shot); the coefficient is
-    found by doubling, then bisection on the measured share.
+    The token is the strongest word of that value in the decomposition, or its first word added to it.
+    Each round renders the same ``seeds`` and measures the shares with ``classifier`` (default: CLIP
+    zero-shot); the coefficient is found by doubling, then bisection on the measured share.
     """
     check_pipe(pipe)
     check_decomposition("dec", dec)
@@ -254,16 +219,10 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
     tolerance = check_float("tolerance", tolerance, 0.0, 1.0, lo_open=True)
     max_rounds = check_int("max_rounds", max_rounds, 1, 100)
     steps = check_int("steps", steps, 1, 1000, allow_none=True)
-    if seeds is not None:
-        seeds = check_seeds("seeds", seeds)
+    seeds = check_seeds("seeds", seeds) if seeds is not None else list(range(2_000_000, 2_000_000 + n))
     if classifier is None:
-        if clip is None:
-            from .models import load_clip
-
-            clip = load_clip(dec.clip or default_clip_for(dec.model), device=pipe.device)
-        classifier = zero_shot_classifier(clip, attribute)
+        classifier = zero_shot_classifier(clip_for(pipe, clip or dec.clip or None), attribute)
     t0 = time.perf_counter()
-    seeds = list(seeds) if seeds is not None else list(range(2_000_000, 2_000_000 + n))
     kw = dict(steps=steps) if steps else {}
 
     def measure(d: Decomposition) -> dict:
@@ -274,35 +233,29 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
     present = [(t, c) for t, c in dec.top() if t in attribute[under]]
     token, c0 = present[0] if present else (attribute[under][0], 0.0)
     rounds = [{"coefficient": c0, **before}]
-
-    def with_c(c):
-        return dec.with_coefficient(token, c, tokenizer=pipe.tokenizer)
-
-    def gap(sh):
-        return sh[under] - target[under]
-
-    best = (abs(gap(before)), c0, before)
+    best = (abs(before[under] - target[under]), c0, before)
     lo, hi = c0, None
     c = max(c0 * 2, max(dec.coefficients[: dec.n_tokens]) * 0.5)
     for _ in range(max_rounds):
         if best[0] <= tolerance:
             break
-        sh = measure(with_c(c))
+        sh = measure(dec.with_coefficient(token, c, tokenizer=pipe.tokenizer))
         rounds.append({"coefficient": c, **sh})
         if verbose:
             print(f"{token} = {c:.4g}: {sh}")
-        if abs(gap(sh)) < best[0]:
-            best = (abs(gap(sh)), c, sh)
-        if gap(sh) < 0:
+        gap = sh[under] - target[under]
+        if abs(gap) < best[0]:
+            best = (abs(gap), c, sh)
+        if gap < 0:
             lo = c
             c = c * 2 if hi is None else (lo + hi) / 2
         else:
             hi = c
             c = (lo + hi) / 2
     _, c_best, after = best
-    new = with_c(c_best) if c_best != c0 else dec
     return Mitigation(
         concept=dec.concept, target=target, token=token, coefficient_before=c0, coefficient_after=c_best,
-        before=before, after=after, rounds=rounds, success=best[0] <= tolerance, mitigated=new,
+        before=before, after=after, rounds=rounds, success=best[0] <= tolerance,
+        mitigated=dec.with_coefficient(token, c_best, tokenizer=pipe.tokenizer) if c_best != c0 else dec,
         settings={"attribute": attribute, "seeds": seeds, "tolerance": tolerance, "seconds": time.perf_counter() - t0},
     )

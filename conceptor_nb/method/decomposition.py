@@ -1,0 +1,249 @@
+"""The result: a concept as a weighted set of vocabulary tokens, with its pseudo-token, renders, edits,
+and its files (``coefficients.safetensors``, exact float32, and ``decomposition.json``)."""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..checks import bad, check_token, validate_settings
+from ..config import TEMPLATE, Settings
+from ..errors import InvalidInputError, ResultNotFoundError
+from ..io import dumps, read_json, write_files
+from ..viz import coefficient_bars
+from .fit import combine
+from .generate import concept_images, generate, image_seeds
+from .inject import template_prompt, token_embeddings
+
+
+def _finite(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _valid_norm(norm) -> bool:
+    """A positive number, or (SDXL) [[width, norm], ...] with positive integer widths and positive norms."""
+    parts = norm if isinstance(norm, (list, tuple)) else [[1, norm]]
+    return len(parts) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int)
+                                  and all(_finite(x) and x > 0 for x in p) for p in parts)
+
+
+def check_fields(dec, source: str):
+    """``dec``, or InvalidInputError naming ``source`` when its fields disagree (types, lengths, values)."""
+    def refuse(msg):
+        raise InvalidInputError(f"{source}: {msg}")
+
+    if not isinstance(dec.concept, str):
+        refuse(f"concept must be a string, got {dec.concept!r}")
+    for name in ("tokens", "token_ids", "coefficients"):
+        if not isinstance(getattr(dec, name), list):
+            refuse(f"{name} must be a list, got {type(getattr(dec, name)).__name__}")
+    n = len(dec.tokens)
+    if n == 0:
+        refuse("the decomposition has no tokens")
+    if len(dec.token_ids) != n or len(dec.coefficients) != n:
+        refuse(f"tokens, token_ids and coefficients must have one entry per token; they have {n}, "
+               f"{len(dec.token_ids)} and {len(dec.coefficients)}")
+    if dec.dictionary_scores and len(dec.dictionary_scores) != n:
+        refuse(f"dictionary_scores has {len(dec.dictionary_scores)} entries for {n} tokens")
+    if not all(isinstance(t, str) for t in dec.tokens):
+        refuse("tokens must be strings")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dec.token_ids):
+        refuse("token_ids must be non-negative integers")
+    wrong = [i for i, c in enumerate(dec.coefficients) if not (_finite(c) and c >= 0)]
+    if wrong:
+        refuse(f"coefficients must be finite non-negative numbers; entry {wrong[0]} ({dec.tokens[wrong[0]]!r}) is "
+               f"{dec.coefficients[wrong[0]]!r}")
+    if isinstance(dec.n_tokens, bool) or not isinstance(dec.n_tokens, int) or not 1 <= dec.n_tokens <= n:
+        refuse(f"n_tokens must be an integer between 1 and {n}, got {dec.n_tokens!r}")
+    if dec.norm is not None and not _valid_norm(dec.norm):
+        refuse(f"norm must be a positive number, null, or (two text encoders, SDXL) [[width, norm], ...] with "
+               f"positive integer widths and positive norms; got {dec.norm!r}")
+    if not isinstance(dec.template, str) or dec.template.count("{}") != 1:
+        refuse(f"template must contain exactly one '{{}}', got {dec.template!r}")
+    if not isinstance(dec.history, dict):
+        refuse("history must be a JSON object")
+    try:
+        validate_settings(dec.settings)
+    except InvalidInputError as err:
+        refuse(f"settings: {err}")
+    return dec
+
+
+@dataclass
+class Decomposition:
+    """A concept as a weighted set of vocabulary tokens: ``tokens``/``token_ids``/``coefficients`` cover the
+    whole dictionary, strongest first; the explanation is the first ``n_tokens``. ``norm``: what the
+    pseudo-token is rescaled to (see :func:`~conceptor_nb.method.fit.combine`)."""
+
+    concept: str
+    tokens: list[str]
+    token_ids: list[int]
+    coefficients: list[float]
+    n_tokens: int
+    norm: float | list[list] | None  # a number; SDXL: [[width, norm], ...] (one per text encoder); None
+    template: str = TEMPLATE
+    prompt: str = ""
+    model: str = ""
+    clip: str = ""
+    dictionary_scores: list[float] = field(default_factory=list)  # CLIP score of each token, same order
+    excluded: list[str] = field(default_factory=list)
+    settings: Settings = field(default_factory=Settings)  # the method settings the fit ran with
+    history: dict = field(default_factory=dict)  # loss, validation, best_step, timings
+
+    def __post_init__(self):
+        if isinstance(self.settings, dict):  # read from JSON
+            self.settings = Settings.from_dict(self.settings)
+
+    def top(self, k: int | None = None) -> list[tuple[str, float]]:
+        k = self.n_tokens if k is None else k
+        return list(zip(self.tokens[:k], self.coefficients[:k]))
+
+    def to_frame(self, k: int | None = None) -> pd.DataFrame:
+        """The top ``k`` tokens (default ``n_tokens``) as a table, with each one's share of the top-k mass."""
+        k = self.n_tokens if k is None else k
+        coef = self.coefficients[:k]
+        total = sum(coef) or 1.0
+        return pd.DataFrame({
+            "rank": range(1, len(coef) + 1), "token": self.tokens[:k], "token_id": self.token_ids[:k],
+            "coefficient": coef, "share": [c / total for c in coef],
+            "clip_score": self.dictionary_scores[:k] if self.dictionary_scores else [float("nan")] * len(coef),
+        })
+
+    def plot(self, k: int = 10, ax=None, color: str = "C0"):
+        """Bar chart of the top-k coefficients."""
+        return coefficient_bars(self, k=k, ax=ax, color=color)
+
+    def vector(self, pipe, n_tokens: int | None = None, *, rescale: bool = True) -> torch.Tensor:
+        """The pseudo-token of the top ``n_tokens`` (default ``self.n_tokens``; 0 or negative: all)."""
+        n = self.n_tokens if n_tokens is None else n_tokens
+        n = len(self.tokens) if n <= 0 else n
+        emb = token_embeddings(pipe, self.token_ids[:n])
+        coef = torch.tensor(self.coefficients[:n], device=emb.device, dtype=torch.float32)
+        return combine(coef, emb, self.norm if rescale else None)
+
+    def render(self, pipe, seeds, n_tokens: int | None = None, *, steps: int | None = None,
+               guidance: float | None = None, sampler: str | None = None, rescale: bool = True,
+               batch_size: int = 8, verbose: bool = False) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] of the pseudo-token, one per seed (by default the fit's settings)."""
+        s = self.settings
+        return generate(pipe, template_prompt(self.template), list(seeds), pseudo=self.vector(pipe, n_tokens, rescale=rescale),
+                        template=self.template, steps=steps or s.gen_steps, guidance=guidance or s.guidance,
+                        sampler=sampler or s.sampler, batch_size=batch_size, verbose=verbose,
+                        desc="rendering the pseudo-token")
+
+    def concept_images(self, pipe, n: int | None = None, *, seed: int | None = None, cache_dir=None,
+                       verbose: bool = False) -> torch.Tensor:
+        """The first ``n`` images the fit trained on (from the cache when there), the pairs of
+        ``render(pipe, self.seeds(n))``; ``seed``: another run's images of the concept."""
+        s = self.settings
+        return concept_images(pipe, self.prompt, n or s.n_train, s.seed if seed is None else seed, steps=s.gen_steps,
+                              guidance=s.guidance, sampler=s.sampler, cache_dir=cache_dir, verbose=verbose)
+
+    def seeds(self, n: int) -> list[int]:
+        """The seeds of the first ``n`` training images."""
+        return image_seeds(self.settings.seed, n)
+
+    def with_coefficient(self, token: str, value: float, *, tokenizer=None) -> "Decomposition":
+        """A copy where ``token`` has coefficient ``value`` (0 removes its contribution). The explanation keeps
+        its tokens; a token from outside it (the dictionary's tail, or a new word, which needs ``tokenizer``)
+        joins it. The edit is recorded in ``history["edits"]``."""
+        if not _finite(value) or value < 0:
+            raise bad("value", value, "a finite non-negative number (coefficients are alpha = |f(w)|)")
+        token = check_token("token", token)
+        new = copy.deepcopy(self)
+        lists = [new.tokens, new.token_ids, new.coefficients] + ([new.dictionary_scores] if new.dictionary_scores else [])
+        n = new.n_tokens
+        if token in new.tokens:
+            i = new.tokens.index(token)
+            tid, score = new.token_ids[i], new.dictionary_scores[i] if new.dictionary_scores else math.nan
+            for lst in lists:
+                del lst[i]
+            if i < n:
+                n -= 1
+        elif tokenizer is None:
+            raise ValueError(f"{token!r} is not in the decomposition's dictionary; pass tokenizer= to add it")
+        else:
+            ids = tokenizer(token, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise ValueError(f"{token!r} is {len(ids)} tokens in this vocabulary; give a single-token word")
+            tid, score = ids[0], math.nan
+        for lst, item in zip(lists, (token, int(tid), float(value), score)):  # at the end of the explanation,
+            lst.insert(n, item)
+        order = sorted(range(n + 1), key=lambda j: -new.coefficients[j])  # which is then ordered by coefficient
+        for lst in lists:
+            lst[: n + 1] = [lst[j] for j in order]
+        new.n_tokens = n + 1
+        new.history = {**new.history, "edits": new.history.get("edits", []) + [{"token": token, "value": float(value)}]}
+        return new
+
+    def save(self, folder, overwrite: bool = False) -> Path:
+        """Write ``coefficients.safetensors`` and ``decomposition.json`` (strict JSON), each atomically; refuses,
+        before writing anything, to overwrite either unless asked."""
+        check_fields(self, "this decomposition")
+        tensors = {"token_ids": torch.tensor(self.token_ids, dtype=torch.int64),
+                   "coefficients": torch.tensor(self.coefficients, dtype=torch.float32)}
+        return write_files(folder, {"coefficients.safetensors": st_save(tensors),
+                                    "decomposition.json": dumps(asdict(self)).encode()}, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, folder) -> "Decomposition":
+        """Read a saved decomposition; one whose fields disagree (in length, or between the JSON and the
+        safetensors) is refused here with InvalidInputError."""
+        if not isinstance(folder, (str, Path)) or not str(folder).strip():
+            raise InvalidInputError(f"folder must be a path to a saved decomposition, got {folder!r}")
+        folder = Path(folder)
+        file, st = folder / "decomposition.json", folder / "coefficients.safetensors"
+        if not file.exists():
+            what = "does not exist" if not folder.exists() else "is a file" if not folder.is_dir() else "holds no decomposition.json"
+            raise ResultNotFoundError(f"cannot load a decomposition from {folder}: it {what}")
+        meta = read_json(file)
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                         and f.name not in meta)
+        if missing:
+            raise InvalidInputError(f"{file} lacks the field(s) {', '.join(missing)}")
+        try:
+            dec = cls(**{f.name: meta[f.name] for f in fields(cls) if f.name in meta})
+        except (TypeError, ValueError, AttributeError) as err:
+            raise InvalidInputError(f"{file} is not a valid decomposition: {err}") from err
+        if isinstance(dec.dictionary_scores, list):
+            dec.dictionary_scores = [math.nan if v is None else v for v in dec.dictionary_scores]
+        if not st.exists():
+            return check_fields(dec, str(file))
+        try:  # the exact float32 values
+            t = st_load(st.read_bytes())
+            ids, coef = t["token_ids"].tolist(), t["coefficients"]
+        except Exception as err:
+            raise InvalidInputError(f"{st} cannot be read ({type(err).__name__}: {err})") from err
+        if ids != dec.token_ids:
+            raise InvalidInputError(f"{st} does not match {file}: the token ids differ "
+                                    f"({len(ids)} in the safetensors, {len(dec.token_ids)} in the JSON)")
+        check_fields(dec, str(file))
+        if coef.shape != (len(ids),) or not torch.allclose(torch.tensor(dec.coefficients, dtype=torch.float32), coef,
+                                                           rtol=1e-6, atol=1e-9):
+            raise InvalidInputError(f"the coefficients in {file} differ from those in {st}: a hand edit? Edit both, "
+                                    f"or delete {st.name} to use the JSON's values")
+        dec.coefficients = coef.tolist()
+        return dec
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{t} {c:.3f}" for t, c in self.top(min(5, self.n_tokens)))
+        return f"Decomposition({self.concept!r}: {top}, ...)"
+
+
+def check_decomposition(name: str, dec) -> Decomposition:
+    if not isinstance(dec, Decomposition):
+        raise bad(name, dec, "a conceptor_nb.Decomposition (from decompose() or Decomposition.load(folder))")
+    return dec
+
+
+def decomposition_table(decompositions, k: int = 5) -> pd.DataFrame:
+    """One row per decomposition: the concept and its top-k tokens with coefficients."""
+    return pd.DataFrame([{"concept": d.concept, **{f"#{i}": f"{t} {c:.3f}" for i, (t, c) in enumerate(d.top(k), 1)}}
+                         for d in decompositions])
