@@ -32,12 +32,7 @@ import pandas as pd
 import torch
 
 import conceptor_nb as cn
-from conceptor_nb.config import settings
-from conceptor_nb.examples import toy_spec
-from conceptor_nb.toyworld.evaluate import mixture_proportions
-from conceptor_nb.toyworld.oracle import Oracle
-from conceptor_nb.toyworld.render import render_word
-from conceptor_nb.viz import save_figure, show_images
+from conceptor_nb.toyworld import Oracle, mixture_proportions, render_word, toy_spec
 
 spec = toy_spec()
 oracle = Oracle(spec)
@@ -58,9 +53,9 @@ words = ["red circle", "blue square", "green triangle", "apple", "lemon", "fish"
 n = 8
 rendered = torch.cat([torch.from_numpy(render_word(spec, w, n, seed=0)).float() for w in words])
 fig, ax = plt.subplots(figsize=(5, 0.62 * len(words)))
-show_images(rendered, ax=ax, nrow=n)
+cn.show_images(rendered, ax=ax, nrow=n)
 ax.set_axis_on(); ax.set_xticks([]); ax.set_yticks([(34 * i + 18) for i in range(len(words))], words)
-save_figure(fig, "00_world_rendered")
+cn.save_figure(fig, "00_world_rendered")
 
 # %%
 readings = [oracle(torch.from_numpy(render_word(spec, w, 16, seed=1)).float()) for w in ["red circle", "blue square", "orange cross"]]
@@ -75,14 +70,14 @@ assert all(r.colour == "orange" and r.glyph == "cross" for r in readings[2])
 # token row kept at one norm), so it is not perfect.
 
 # %%
-toy = settings("toy")
+toy = cn.settings("toy")
 pipe = cn.load_pipeline("toy")
 gen = {w: cn.generate(pipe, spec.prompt(*w.split()), range(n), steps=toy.gen_steps, guidance=toy.guidance,
                       sampler=toy.sampler, verbose=False) for w in words}
 fig, ax = plt.subplots(figsize=(5, 0.62 * len(words)))
-show_images(torch.cat(list(gen.values())), ax=ax, nrow=n)
+cn.show_images(torch.cat(list(gen.values())), ax=ax, nrow=n)
 ax.set_axis_on(); ax.set_xticks([]); ax.set_yticks([(34 * i + 18) for i in range(len(words))], words)
-save_figure(fig, "00_world_generated")
+cn.save_figure(fig, "00_world_generated")
 
 # %% [markdown]
 # ## How faithful is the model? (pixel oracle)

@@ -37,16 +37,11 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 
 import conceptor_nb as cn
-from conceptor_nb.config import profile
-from conceptor_nb.examples import examples
-from conceptor_nb.viz import coefficient_bars, save_figure, show_images, word_picture
+from conceptor_nb.toyworld import examples, report_markdown, score_frame, shipped_report, toy_spec
 
 ex = examples()
-prof = profile()
-s = prof.settings
-print(f"profile {prof.name!r}: model {prof.model!r}, {s.n_train} images, dictionary {s.dict_size}, {s.steps} steps")
-pipe = cn.load_pipeline(prof.model)
-clip = cn.load_clip(prof.clip)
+setup = cn.setup()  # the active profile's model, CLIP and settings
+pipe, clip, s = setup.pipe, setup.clip, setup.settings
 
 # %% [markdown]
 # ## One concept, end to end
@@ -65,9 +60,9 @@ display(dec.to_frame(10))
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-word_picture(dec, k=8, ax=axes[0])
-coefficient_bars(dec, k=10, ax=axes[1])
-save_figure(fig, f"01_{concept}_decomposition")
+cn.word_picture(dec, k=8, ax=axes[0])
+cn.coefficient_bars(dec, k=10, ax=axes[1])
+cn.save_figure(fig, f"01_{concept}_decomposition")
 
 # %% [markdown]
 # ## Does the pseudo-token reconstruct the concept?
@@ -77,9 +72,9 @@ save_figure(fig, f"01_{concept}_decomposition")
 # %%
 n = 8
 fig, axes = plt.subplots(2, 1, figsize=(8, 2.6))
-show_images(dec.concept_images(pipe, n), ax=axes[0], nrow=n, title=f'"{dec.prompt}"')
-show_images(dec.render(pipe, dec.seeds(n)), ax=axes[1], nrow=n, title="pseudo-token, same seeds")
-save_figure(fig, f"01_{concept}_reconstruction")
+cn.show_images(dec.concept_images(pipe, n), ax=axes[0], nrow=n, title=f'"{dec.prompt}"')
+cn.show_images(dec.render(pipe, dec.seeds(n)), ax=axes[1], nrow=n, title="pseudo-token, same seeds")
+cn.save_figure(fig, f"01_{concept}_reconstruction")
 
 # %% [markdown]
 # ## More concepts
@@ -96,8 +91,8 @@ display(cn.decomposition_table(decs.values(), k=5))
 # %%
 fig, axes = plt.subplots(1, len(decs), figsize=(3.2 * len(decs), 2.8))
 for ax, d in zip(axes, decs.values()):
-    word_picture(d, k=6, ax=ax)
-save_figure(fig, "01_word_pictures")
+    cn.word_picture(d, k=6, ax=ax)
+cn.save_figure(fig, "01_word_pictures")
 
 # %% [markdown]
 # ## Against the ground truth (toy world only)
@@ -108,8 +103,6 @@ save_figure(fig, "01_word_pictures")
 
 # %%
 if ex.ground_truth:
-    from conceptor_nb.toyworld.evaluate import score_frame
-
     scores = score_frame(decs.values())
     display(scores)
 
@@ -122,15 +115,9 @@ if ex.ground_truth:
 
 # %%
 if ex.ground_truth:
-    import json
-
     from IPython.display import Markdown
 
-    from conceptor_nb.config import data_dir
-    from conceptor_nb.examples import toy_spec
-    from conceptor_nb.toyworld.evaluate import report_markdown
-
-    shipped = json.loads((data_dir() / "toyworld" / "decomposition_report.json").read_text())
+    shipped = shipped_report()
     display(Markdown(report_markdown(shipped, toy_spec())))
 
 # %%

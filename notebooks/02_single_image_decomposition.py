@@ -29,15 +29,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import conceptor_nb as cn
-from conceptor_nb.config import profile
-from conceptor_nb.examples import examples, toy_spec
-from conceptor_nb.viz import save_figure
+from conceptor_nb.toyworld import Oracle, examples, toy_spec
 
 ex = examples()
-prof = profile()
-s = prof.settings
-pipe = cn.load_pipeline(prof.model)
-clip = cn.load_clip(prof.clip)
+setup = cn.setup()  # the active profile's model, CLIP and settings
+pipe, clip, s = setup.pipe, setup.clip, setup.settings
 dec = cn.decompose(pipe, f"a {ex.image_concept}", clip=clip, verbose=False)
 display(dec.to_frame(8))
 
@@ -51,7 +47,7 @@ explanations = [cn.explain_image(pipe, dec, seed, clip=clip) for seed in ex.imag
 fig, axes = plt.subplots(len(explanations), 1, figsize=(7, 1.9 * len(explanations)))
 for ax, e in zip(axes, explanations):
     e.plot(ax=ax)
-save_figure(fig, f"02_{ex.image_concept}_explanations")
+cn.save_figure(fig, f"02_{ex.image_concept}_explanations")
 
 # %% [markdown]
 # ## The removal trace
@@ -63,7 +59,7 @@ save_figure(fig, f"02_{ex.image_concept}_explanations")
 e = explanations[0]
 fig, ax = plt.subplots(figsize=(8, 3))
 e.plot_trace(ax=ax)
-save_figure(fig, f"02_{ex.image_concept}_trace")
+cn.save_figure(fig, f"02_{ex.image_concept}_trace")
 display(e.to_frame().head(12))
 
 # %% [markdown]
@@ -73,8 +69,6 @@ display(e.to_frame().head(12))
 
 # %%
 if ex.ground_truth:
-    from conceptor_nb.toyworld.oracle import Oracle
-
     spec = toy_spec()
     oracle = Oracle(spec)
     rows = []

@@ -32,15 +32,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import conceptor_nb as cn
-from conceptor_nb.config import profile
-from conceptor_nb.examples import colour_oracle, examples
-from conceptor_nb.viz import save_figure, show_images, word_picture
+from conceptor_nb.toyworld import colour_oracle, examples
 
 ex = examples()
-prof = profile()
-s = prof.settings
-pipe = cn.load_pipeline(prof.model)
-clip = cn.load_clip(prof.clip)
+setup = cn.setup()  # the active profile's model, CLIP and settings
+pipe, clip, s = setup.pipe, setup.clip, setup.settings
 attribute = ex.bias_attribute
 oracle = colour_oracle(list(attribute)) if ex.ground_truth else None
 dec = cn.decompose(pipe, f"a {ex.bias_concept}", clip=clip, verbose=False)
@@ -53,9 +49,9 @@ display(dec.to_frame(8))
 report = cn.detect_bias(pipe, dec, attribute, clip=clip, oracle=oracle)
 display(report.to_frame())
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-word_picture(dec, k=8, ax=axes[0])
+cn.word_picture(dec, k=8, ax=axes[0])
 report.plot(ax=axes[1])
-save_figure(fig, f"03_{ex.bias_concept}_bias")
+cn.save_figure(fig, f"03_{ex.bias_concept}_bias")
 
 # %% [markdown]
 # **What to look at:** do the coefficients and the images agree on the majority value? The
@@ -73,15 +69,15 @@ display(mitigation.to_frame())
 display(pd.DataFrame(mitigation.rounds))
 fig, ax = plt.subplots(figsize=(5, 3.2))
 mitigation.plot(ax=ax)
-save_figure(fig, f"03_{ex.bias_concept}_mitigation")
+cn.save_figure(fig, f"03_{ex.bias_concept}_mitigation")
 
 # %%
 fig, axes = plt.subplots(2, 1, figsize=(8, 2.6))
 seeds = mitigation.settings["seeds"][:8]
-show_images(dec.render(pipe, seeds), ax=axes[0], nrow=8, title="before")
-show_images(mitigation.mitigated.render(pipe, seeds), ax=axes[1], nrow=8,
+cn.show_images(dec.render(pipe, seeds), ax=axes[0], nrow=8, title="before")
+cn.show_images(mitigation.mitigated.render(pipe, seeds), ax=axes[1], nrow=8,
             title=f"after: {mitigation.token} = {mitigation.coefficient_after:.3g}")
-save_figure(fig, f"03_{ex.bias_concept}_before_after")
+cn.save_figure(fig, f"03_{ex.bias_concept}_before_after")
 
 # %%
 if ex.ground_truth:  # the spec's majority (blue) is found both ways, and mitigation meets its target

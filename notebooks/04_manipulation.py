@@ -28,15 +28,11 @@ from IPython.display import display
 import matplotlib.pyplot as plt
 
 import conceptor_nb as cn
-from conceptor_nb.config import profile
-from conceptor_nb.examples import colour_share, examples
-from conceptor_nb.viz import save_figure, show_images
+from conceptor_nb.toyworld import colour_share, examples
 
 ex = examples()
-prof = profile()
-s = prof.settings
-pipe = cn.load_pipeline(prof.model)
-clip = cn.load_clip(prof.clip)
+setup = cn.setup()  # the active profile's model, CLIP and settings
+pipe, clip, s = setup.pipe, setup.clip, setup.settings
 dec = cn.decompose(pipe, f"a {ex.manip_concept}", clip=clip, verbose=False)
 display(dec.to_frame(8))
 
@@ -48,10 +44,10 @@ display(dec.to_frame(8))
 top_token = dec.tokens[0]
 seeds = dec.seeds(8)
 fig, axes = plt.subplots(2, 1, figsize=(8, 2.6))
-show_images(dec.render(pipe, seeds), ax=axes[0], nrow=8, title=f'"{dec.concept}"')
-show_images(dec.with_coefficient(top_token, 0.0).render(pipe, seeds), ax=axes[1], nrow=8,
+cn.show_images(dec.render(pipe, seeds), ax=axes[0], nrow=8, title=f'"{dec.concept}"')
+cn.show_images(dec.with_coefficient(top_token, 0.0).render(pipe, seeds), ax=axes[1], nrow=8,
             title=f"without '{top_token}'")
-save_figure(fig, f"04_{ex.manip_concept}_remove_top")
+cn.save_figure(fig, f"04_{ex.manip_concept}_remove_top")
 
 # %% [markdown]
 # ## Sweep one coefficient
@@ -72,7 +68,7 @@ if measure:
     sw.to_frame().plot(x="value", y=list(measure), marker="o", ax=axes[1], legend=False)
     axes[1].set_ylabel(list(measure)[0])
     axes[1].set_ylim(0, 1)
-save_figure(fig, f"04_{ex.manip_concept}_sweep_{ex.manip_token}")
+cn.save_figure(fig, f"04_{ex.manip_concept}_sweep_{ex.manip_token}")
 
 # %%
 if ex.ground_truth:  # raising the colour's coefficient raises the oracle's share of that colour

@@ -20,7 +20,7 @@
 # **Question:** decompose a whole list of concepts, look at them side by side, and see which
 # concepts the model builds from the same words.
 #
-# `decompose_many(pipe, concepts, out=...)` runs `decompose` for every concept and writes each one
+# `cn.decompose_many(pipe, concepts, out=...)` runs `decompose` for every concept and writes each one
 # to `out/<slug>/` exactly as `conceptor decompose` does (the decomposition, its coefficients, the
 # concept images and their reconstructions). It is **resumable**: a concept whose folder already
 # holds a decomposition with the same settings is skipped, so running a cell again, or the command
@@ -40,26 +40,18 @@ import seaborn as sns
 from IPython.display import display
 
 import conceptor_nb as cn
-from conceptor_nb.batch import decompose_many, load_decompositions, load_runs, read_log
-from conceptor_nb.config import cache_dir, profile
-from conceptor_nb.examples import examples, toy_spec
-from conceptor_nb.viz import save_figure
+from conceptor_nb.toyworld import examples, score_decomposition, toy_spec
 
 ex = examples()
-prof = profile()
-s = prof.settings
-print(f"profile {prof.name!r}: model {prof.model!r}, {s.n_train} images, {s.steps} fit steps")
-pipe = cn.load_pipeline(prof.model)
-clip = cn.load_clip(prof.clip)
+setup = cn.setup()  # the active profile's model, CLIP and settings
+pipe, clip, s = setup.pipe, setup.clip, setup.settings
 
 if ex.ground_truth:
     spec = toy_spec()
     concepts = [f"a {c}" for c in spec.concept_words]
 else:
     concepts = [f"a {c}" for c in ex.concepts]
-# under CI (profile "ci") a shorter fit with the cheap validation keeps this notebook to a few minutes
-overrides = dict(n_train=16, steps=60, val_every=20, val_patience=2) if prof.name == "ci" else {}
-out = cache_dir() / "batch" / prof.name
+out = cn.cache_dir() / "batch" / setup.profile.name
 concepts
 
 # %% [markdown]
@@ -68,7 +60,7 @@ concepts
 # tokens with their coefficients, timings, and the UNet evaluations it cost.
 
 # %%
-summary = decompose_many(pipe, concepts, out, clip=clip, **overrides)
+summary = cn.decompose_many(pipe, concepts, out, clip=clip)
 cols = ["concept", "status", "token_1", "coef_1", "token_2", "coef_2", "token_3", "coef_3", "best_step", "wall_s", "unet_total"]
 display(summary[cols].round(3))
 
@@ -77,10 +69,10 @@ display(summary[cols].round(3))
 # reads a finished batch back (here, and in any later session).
 
 # %%
-starts = sum(e["event"] == "start" for e in read_log(out))
-again = decompose_many(pipe, concepts, out, clip=clip, verbose=False, **overrides)
-assert sum(e["event"] == "start" for e in read_log(out)) == starts, "a finished concept was decomposed again"
-back = load_runs(out)
+starts = sum(e["event"] == "start" for e in cn.read_log(out))
+again = cn.decompose_many(pipe, concepts, out, clip=clip, verbose=False)
+assert sum(e["event"] == "start" for e in cn.read_log(out)) == starts, "a finished concept was decomposed again"
+back = cn.load_runs(out)
 assert list(back["concept"]) == concepts and (back["status"] == "done").all()
 assert list(back["token_1"]) == list(summary["token_1"])
 
@@ -90,19 +82,15 @@ assert list(back["token_1"]) == list(summary["token_1"])
 # (0 where the token is not in that concept's dictionary).
 
 # %%
-decs = load_decompositions(out)
+decs = cn.load_decompositions(out)
 decs = {c: decs[c] for c in concepts}
-tokens = list(dict.fromkeys(t for d in decs.values() for t, _ in d.top(5)))
-matrix = pd.DataFrame(0.0, index=[c.removeprefix("a ") for c in concepts], columns=tokens)
-for c, d in decs.items():
-    coef = dict(zip(d.tokens, d.coefficients))
-    matrix.loc[c.removeprefix("a ")] = [coef.get(t, 0.0) for t in tokens]
-fig, ax = plt.subplots(figsize=(1 + 0.45 * len(tokens), 1 + 0.5 * len(concepts)))
+matrix = cn.token_matrix(decs, k=5)
+fig, ax = plt.subplots(figsize=(1 + 0.45 * matrix.shape[1], 1 + 0.5 * len(concepts)))
 sns.heatmap(matrix, cmap="viridis", ax=ax, cbar_kws={"label": "coefficient"})
 ax.set_xlabel("token")
 ax.set_ylabel("concept")
 ax.set_title("coefficients of every concept's top-5 tokens")
-save_figure(fig, "05_concept_token_heatmap")
+cn.save_figure(fig, "05_concept_token_heatmap")
 plt.show()
 
 # %% [markdown]
@@ -122,7 +110,7 @@ display(shared)
 # %%
 # every concept's heatmap row peaks at its own strongest token
 for c, d in decs.items():
-    row = matrix.loc[c.removeprefix("a ")]
+    row = matrix.loc[c]
     assert row.idxmax() == d.tokens[0] or row.max() == row[d.tokens[0]], c
     assert (row >= 0).all()
 
@@ -132,8 +120,6 @@ for c, d in decs.items():
 
 # %%
 if ex.ground_truth:
-    from conceptor_nb.toyworld.evaluate import score_decomposition
-
     scores = pd.DataFrame([{"concept": c, "found": ", ".join(sc.found), "missing": ", ".join(sc.missing), "recall@10": sc.recall_at_k}
                            for c, d in decs.items() for sc in [score_decomposition(d, spec, k=10)]])
     display(scores)
@@ -146,8 +132,6 @@ if ex.ground_truth:
 # reconstructions.
 
 # %%
-from conceptor_nb.report import build_report
-
-page = build_report(out)
+page = cn.build_report(out)
 print(page)
 assert page.exists() and all(f'data-concept="{c}"' in page.read_text() for c in concepts)
