@@ -146,11 +146,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+_HASH_SEEDS = iter(range(1, 10**6))
+
+
 def _cli(tmp_path, cache, out, *extra, slow=0.0):
+    """The CLI in a new process, each with another PYTHONHASHSEED (a resume must not depend on it)."""
     script = tmp_path / "slow_cli.py"
     script.write_text(SLOW_CLI)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CONCEPTOR_CACHE": str(cache), "SLOW": str(slow),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": str(next(_HASH_SEEDS))}
     return subprocess.Popen([sys.executable, str(script), "decompose", "a dog", *CLI_ARGS, "--out", str(out), *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -191,10 +195,13 @@ def test_killed_and_interrupted_cli_run_resumes_to_the_same_coefficients(tmp_pat
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: its last checkpoint")
     assert "continuing it" in err  # it said it resumed the killed run
+    assert "of another run" not in err  # ... and did, in a process with another hash seed
     # 3. --resume finishes
     proc = _cli(tmp_path, cache, out, "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    assert "of another run" not in err
+    assert len(list(cache.glob("images/*/images.safetensors"))) == 1  # four processes, four hash seeds, one entry
     assert (out / "coefficients.safetensors").read_bytes() == (tmp_path / "ref" / "coefficients.safetensors").read_bytes()
     a = json.loads((out / "decomposition.json").read_text())
     b = json.loads((tmp_path / "ref" / "decomposition.json").read_text())

@@ -84,24 +84,24 @@ def cache_entry(cache_dir, kind: str, key: dict) -> tuple[Path, str]:
 
 
 def _fingerprint(obj, modules: dict, extra: str) -> str:
-    """A short hash of each module's parameters and buffers (name, shape, dtype, 16 evenly spaced values) and
-    of ``extra``; memoised on ``obj`` (after editing weights in place: ``del obj._conceptor_fingerprint``)."""
+    """A short SHA-256 of every byte of each module's parameters and buffers (with names, shapes, dtypes) and of
+    ``extra``. Memoised on ``obj`` until a tensor is changed in place (torch's version counters tell)."""
+    tensors = [(f"{part}.{name}", p) for part, module in modules.items() for name, p in module.state_dict().items()]
+    versions = tuple(p._version for _, p in tensors)
     memo = getattr(obj, "_conceptor_fingerprint", None)
-    if memo is None:
-        h = hashlib.sha256()
-        with torch.no_grad():
-            for part, module in modules.items():
-                for name, p in module.state_dict().items():
-                    flat = p.detach().reshape(-1)
-                    h.update(f"{part}.{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-                    h.update(flat[:: max(1, flat.numel() // 16)][:16].cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(extra.encode())
-        memo = h.hexdigest()[:16]
-        try:
-            obj._conceptor_fingerprint = memo
-        except AttributeError:  # pragma: no cover - an object that takes no attributes: not memoised
-            pass
-    return memo
+    if memo is not None and memo[0] == versions:
+        return memo[1]
+    h = hashlib.sha256(extra.encode())
+    with torch.no_grad():
+        for name, p in tensors:
+            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+            h.update(memoryview(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    digest = h.hexdigest()[:16]
+    try:
+        obj._conceptor_fingerprint = (versions, digest)
+    except AttributeError:  # pragma: no cover - an object that takes no attributes: not memoised
+        pass
+    return digest
 
 
 def weights_fingerprint(pipe) -> str:
@@ -109,8 +109,9 @@ def weights_fingerprint(pipe) -> str:
     parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
     if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
         parts["text_encoder_2"] = pipe.text_encoder_2
-    return _fingerprint(pipe, parts, json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str)
-                        + str(len(pipe.tokenizer)))
+    # the config's private keys ("_use_default_values": a list in set order) differ between processes
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    return _fingerprint(pipe, parts, json.dumps(config, sort_keys=True, default=str) + str(len(pipe.tokenizer)))
 
 
 def clip_fingerprint(clip) -> str:
