@@ -91,7 +91,8 @@ def tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPTokenizer]:
 
 def load_clip(name_or_path: str = "toy", device=None, dtype: torch.dtype | None = None, *, seed: int = 0) -> Clip:
     """A CLIP model for dictionary selection and image scoring: ``"toy"`` (shipped with the toy world),
-    ``"tiny"`` (random), a folder or a hub id such as ``openai/clip-vit-base-patch32``."""
+    ``"tiny"`` (random), a folder or a hub id such as ``openai/clip-vit-base-patch32``. A folder without tokenizer
+    files (the toy world's CLIP) gets the shipped CLIP tokenizer."""
     if not name_or_path or not str(name_or_path).strip():
         raise ValueError("CLIP model name is empty: pass 'toy', 'tiny', a folder or a hub id")
     device = pick_device(device)
@@ -106,7 +107,8 @@ def load_clip(name_or_path: str = "toy", device=None, dtype: torch.dtype | None 
         try:
             with quiet_loading():
                 model = CLIPModel.from_pretrained(path or name)
-                tokenizer = clip_tokenizer() if name == "toy" else CLIPTokenizer.from_pretrained(path or name)
+                own = path is None or any((Path(path) / f).exists() for f in ("vocab.json", "tokenizer.json"))
+                tokenizer = CLIPTokenizer.from_pretrained(path or name) if name != "toy" and own else clip_tokenizer()
         except (OSError, ValueError) as err:
             raise not_found(name, err) from err
     model.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)

@@ -532,3 +532,18 @@ def test_miss_check_tells_a_wrong_word_from_a_right_one(spec):
                         vocab_norm(pipe), settings=settings("toy"))  # a fit that ranked the right words last
     assert miss_check(pipe, bad, images, "yellow", k=2, repeats=4)["verdict"] == "promoted"
     assert miss_check(pipe, dec, images, "lemon", k=2) == {"word": "lemon", "in_dictionary": False}
+
+
+@needs_toy
+def test_a_clip_folder_without_tokenizer_files_gets_the_shipped_tokenizer(tmp_path):
+    """The shipped toy CLIP copied into a run folder (as scripts/toyworld_gpu_retrain.sh does) loads by path."""
+    import shutil
+
+    from conceptor_nb import load_clip
+    from conceptor_nb.config import data_dir
+
+    shutil.copytree(data_dir() / "toyworld" / "clip", tmp_path / "clip")
+    assert not (tmp_path / "clip" / "vocab.json").exists()
+    by_path, shipped = load_clip(str(tmp_path / "clip"), device="cpu"), load_clip("toy", device="cpu")
+    assert by_path.tokenizer("a red circle").input_ids == shipped.tokenizer("a red circle").input_ids
+    assert torch.equal(by_path.text_features(["a red circle"]), shipped.text_features(["a red circle"]))

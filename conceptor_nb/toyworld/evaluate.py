@@ -32,8 +32,6 @@ def load_models(model: str = "toy", device: str = "cpu"):
     run = toy_run_folder(model)
     if run is not None and not (run / "clip" / "config.json").is_file():
         return pipe, None
-    # TODO(integration): H3's load_clip gives a CLIP folder without tokenizer files (the shipped toy CLIP
-    # linked into a run) the CLIP tokenizer, as load_models did before
     return pipe, load_clip(clip, device=device)
 
 
