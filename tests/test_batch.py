@@ -1,4 +1,5 @@
 """Batch decomposition: concept lists, claims, resume after a kill, accelerate ranks, concurrent jobs."""
+import csv
 import json
 import os
 import shutil
@@ -244,3 +245,13 @@ def test_two_jobs_at_once_do_each_concept_once(tmp_path):
     summary = batch.load_runs(out)
     assert list(summary["status"]) == ["done"] * 4
     assert len(pids) in (1, 2)  # (two when both got going in time; the point is: no concept twice)
+
+
+@pytest.mark.parametrize("concept", ['=HYPERLINK("http://example.invalid","x")', "@SUM(1+1)", "+cmd|' /C calc'!A0",
+                                     "-2+3", "\tx", "\rx"])
+def test_summary_csv_escapes_cells_a_spreadsheet_would_run_and_the_json_keeps_them(tmp_path, concept):
+    batch.write_summary(tmp_path, batch.as_jobs([concept, "a dog"]))
+    with (tmp_path / "summary.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["concept"] == "'" + concept and rows[1]["concept"] == "a dog"
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"][0]["concept"] == concept

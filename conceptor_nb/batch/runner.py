@@ -140,10 +140,17 @@ def collect(out, jobs, top: int = TOP_K) -> pd.DataFrame:
     return pd.DataFrame([summary_row(out, j, top) for j in jobs])
 
 
+def _csv_cell(value):
+    """A text cell that a spreadsheet would run as a formula (OWASP's rule: it starts with = + - @ tab or CR)
+    gets a leading ' in the CSV; the JSON keeps the exact text."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def write_summary(out, jobs, top: int = TOP_K) -> pd.DataFrame:
-    """``out/summary.csv`` and ``out/summary.json``, one row per concept; returns the DataFrame."""
+    """``out/summary.csv`` (formula-safe) and ``out/summary.json`` (exact), one row per concept; returns the
+    DataFrame."""
     df = collect(out, jobs, top)
-    atomic_write(Path(out) / "summary.csv", df.to_csv(index=False))
+    atomic_write(Path(out) / "summary.csv", df.map(_csv_cell).to_csv(index=False, lineterminator="\r\n"))  # RFC 4180
     atomic_write(Path(out) / "summary.json", dumps({"top": top, "rows": json.loads(df.to_json(orient="records"))}))
     return df
 
