@@ -150,6 +150,8 @@ def cmd_batch(args) -> int:
 
 
 def cmd_report(args) -> int:
+    if args.html and Path(args.html).exists() and not args.overwrite:  # --html names any file: never replace one
+        raise OutputError(f"--html {args.html} exists: choose another file or pass --overwrite to replace it")
     print(f"wrote {build_report(args.out, args.html, top=args.top)}")
     return EXIT_OK
 
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the batch folder (conceptor batch --out)")
     p.add_argument("--html", help="the HTML file to write (default: OUT/index.html)")
     p.add_argument("--top", type=int, default=TOP_K, help="tokens per concept in the tables")
+    p.add_argument("--overwrite", action="store_true", help="replace the file --html names if it exists")
     for name, func in (("decompose", cmd_decompose), ("batch", cmd_batch), ("report", cmd_report)):
         sub.choices[name].set_defaults(func=func)
     return parser

@@ -99,3 +99,16 @@ def test_gallery_renders_in_headless_chromium(runs, tmp_path):
         finally:
             browser.close()
     assert (shots / "gallery.png").stat().st_size > 10_000
+
+
+def test_report_never_replaces_an_existing_file_named_by_html(runs, capsys):
+    """`conceptor report DIR --html DIR/a-dog/decomposition.json` once replaced a result with HTML (issue 25, item 3)."""
+    from conceptor_nb.cli import main
+
+    result = runs / "a-dog" / "decomposition.json"
+    before = result.read_bytes()
+    assert main(["report", str(runs), "--html", str(result)]) == 2
+    assert "exists" in capsys.readouterr().err and result.read_bytes() == before
+    assert main(["report", str(runs)]) == 0 and main(["report", str(runs)]) == 0  # its own index.html: rewritten
+    page = runs / "index.html"
+    assert main(["report", str(runs), "--html", str(page), "--overwrite"]) == 0 and "a dog" in page.read_text()
