@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import data_dir, default_clip_for
+from .errors import InvalidInputError
 from .loading import find_folder, model_name, not_found, offline, pick_device, quiet_loading, toy_path
 
 with quiet_loading():
@@ -101,12 +102,18 @@ def load_clip(name_or_path: str = "toy", device=None, dtype: torch.dtype | None 
     if name == "tiny":
         model, tokenizer = tiny_clip(seed=seed)
     else:
+        folder = Path(name)
+        if name != "toy" and folder.is_dir() and not any(folder.glob("*.safetensors")):  # before any unpickling
+            held = ", ".join(sorted(p.name for p in folder.iterdir())[:6]) or "nothing"
+            raise InvalidInputError(f"CLIP folder {folder} holds no .safetensors weights (it holds {held}); pickled "
+                                    "weights (.bin, .pt, .pkl) are never loaded, as loading them can run code. Convert "
+                                    "them (model.save_pretrained(folder, safe_serialization=True)) or pass a hub id")
         path = toy_path("clip") if name == "toy" else find_folder(name, "config.json")
         if path is None and offline():
             raise not_found(name)
         try:
             with quiet_loading():
-                model = CLIPModel.from_pretrained(path or name)
+                model = CLIPModel.from_pretrained(path or name, use_safetensors=True)  # never a pickle
                 own = path is None or any((Path(path) / f).exists() for f in ("vocab.json", "tokenizer.json"))
                 tokenizer = CLIPTokenizer.from_pretrained(path or name) if name != "toy" and own else clip_tokenizer()
         except (OSError, ValueError) as err:

@@ -10,7 +10,10 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
+import time
+import unicodedata
 from dataclasses import fields
 from io import BytesIO
 from pathlib import Path
@@ -21,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .config import cache_dir
 from .errors import CacheError, InvalidInputError, OutputError, ResultNotFoundError
 from .viz import image_grid
 
@@ -77,8 +81,9 @@ def read_json(file) -> dict:
     file = Path(file)
     try:
         meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"{file} is not valid JSON ({err}); restore it or save the result again") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deep
+        raise InvalidInputError(f"{file} is not valid JSON ({type(err).__name__}: {err}); restore it or save the "
+                                "result again") from err
     if not isinstance(meta, dict):
         raise InvalidInputError(f"{file} must hold a JSON object, it holds a {type(meta).__name__}")
     return meta
@@ -162,33 +167,58 @@ def load_result(cls, folder, name: str):
         raise InvalidInputError(f"{file} is not a valid {cls.__name__}: {err}") from err
 
 
-def slug(text, max_len: int = 48, sep: str = "-") -> str:
-    """A folder name for ``text``: its runs of ASCII letters and digits, lower-case, joined by ``sep``
-    ("A dog!" -> "a-dog"; "concept" if none); a longer one is cut and ends with 8 hex digits of its SHA-256."""
+def slug(text, max_len: int = 48, *, key: str | None = None) -> str:
+    """A folder name for ``text``: its words in any script (NFKC, lower-case; a symbol such as an emoji by its
+    Unicode name) joined by "-" ("A dog!" -> "a-dog", "日本の犬" -> "日本の犬", "🍎 🍋" -> "red-apple-lemon";
+    "concept" if none). With a ``key`` (e.g. the exact text), or when longer than ``max_len`` (then cut), it ends
+    with 8 hex digits of the key's (else the text's) SHA-256: two keys never share a name."""
     text = str(text)
-    name = re.sub(r"[^a-z0-9]+", sep, text.lower()).strip(sep) or "concept"
-    if len(name) <= max_len:
+    spelled = (c if c.isalnum() else f" {unicodedata.name(c, '')} " if unicodedata.category(c) == "So" else " "
+               for c in unicodedata.normalize("NFKC", text))
+    name = "-".join(re.findall(r"[^\W_]+", "".join(spelled).lower())) or "concept"
+    if len(name) <= max_len and key is None:
         return name
-    return name[: max_len - 9].rstrip(sep) + sep + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return name[: max_len - 9].rstrip("-") + "-" + hashlib.sha256((text if key is None else key).encode()).hexdigest()[:8]
 
 
 def write_run(dec, pipe, out, *, overwrite: bool = False, n_grid: int = 8) -> Path:
     """Write ``dec`` into the run folder ``out``: ``concept.png`` (its first training images), ``reconstruction.png``
     (the pseudo-token rendered with the same seeds), then ``Decomposition.save``'s files, ``decomposition.json``
-    last, so a folder that holds it is complete."""
+    last, so a folder that holds it is complete. If a write fails (a full disk), the files this call created are
+    removed again: nothing partial is left to block a re-run."""
     out = Path(out)
     if (out / "decomposition.json").exists() and not overwrite:
         raise FileExistsError(f"{out}/decomposition.json exists; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    n = min(n_grid, dec.settings.n_train)
-    concept = dec.concept_images(pipe, n)
-    upscale = max(1, 256 // concept.shape[-1])
-    for name, images in (("concept", concept), ("reconstruction", dec.render(pipe, dec.seeds(n)))):
-        buf = BytesIO()
-        image_grid(images, nrow=n, upscale=upscale).save(buf, format="png")
-        atomic_write(out / f"{name}.png", buf.getvalue())
-    dec.save(out, overwrite=True)
+    new = [out / f for f in RUN_FILES if not (out / f).exists()]
+    try:
+        n = min(n_grid, dec.settings.n_train)
+        concept = dec.concept_images(pipe, n)
+        upscale = max(1, 256 // concept.shape[-1])
+        for name, images in (("concept", concept), ("reconstruction", dec.render(pipe, dec.seeds(n)))):
+            buf = BytesIO()
+            image_grid(images, nrow=n, upscale=upscale).save(buf, format="png")
+            atomic_write(out / f"{name}.png", buf.getvalue())
+        dec.save(out, overwrite=True)
+    except BaseException:
+        for f in new:
+            f.unlink(missing_ok=True)
+        raise
     return out
+
+
+def rescue(dec, out, err: Exception) -> str:
+    """Writing ``out`` failed after a fit: save ``dec`` under ``<cache>/rescued/`` instead, or, when that fails too,
+    print it to stderr as the JSON of a decomposition (tokens, ids, coefficients). Returns the message to show."""
+    safe = cache_dir() / "rescued" / f"{slug(Path(out).name or 'run', 32)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        dec.save(safe)
+        return f"could not write {out} ({err}); the decomposition was saved to {safe} instead"
+    except Exception as err2:  # noqa: BLE001 - the last resort: the result goes to stderr
+        keep = ("concept", "tokens", "token_ids", "coefficients", "n_tokens", "norm", "template", "prompt", "model", "clip")
+        print(dumps({k: getattr(dec, k) for k in keep}, None), file=sys.stderr, flush=True)
+        return (f"could not write {out} ({err}), nor {safe} ({err2}); the decomposition is printed above as JSON: save "
+                "it as decomposition.json in a folder and Decomposition.load that folder")
 
 
 def is_complete(out) -> bool:

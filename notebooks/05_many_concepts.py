@@ -40,6 +40,7 @@ import seaborn as sns
 from IPython.display import display
 
 import conceptor_nb as cn
+from conceptor_nb.batch import settings_hash
 from conceptor_nb.toyworld import examples, score_decomposition, toy_spec
 
 ex = examples()
@@ -51,7 +52,7 @@ if ex.ground_truth:
     concepts = [f"a {c}" for c in spec.concept_words]
 else:
     concepts = [f"a {c}" for c in ex.concepts]
-out = cn.cache_dir() / "batch" / setup.profile.name
+out = cn.cache_dir() / "batch" / f"{setup.profile.name}-{settings_hash(s)}"  # one folder per set of settings
 concepts
 
 # %% [markdown]

@@ -63,6 +63,9 @@ def D(**kw):  # decompose with FAST settings and overrides
 
 
 IMG = torch.rand(2, 3, 32, 32)
+# a pickle that would create a file if it were ever unpickled (pickle protocol 0: os.system is not needed, the
+# file's name says it all): pickled weights must never be loaded
+PICKLE = b"cbuiltins\nopen\n(S'UNPICKLED'\nS'w'\ntR."
 
 CASES = [
     # id, call(ctx), error type, message fragment, prepare(ctx) or None
@@ -163,6 +166,41 @@ CASES = [
     ("load missing field", lambda c: Decomposition.load(c.tmp / "d"), InvalidInputError,
      "lacks the field(s) tokens", save_then(lambda f: (f / "decomposition.json").write_text(
          json.dumps({k: v for k, v in json.loads((f / "decomposition.json").read_text()).items() if k != "tokens"})))),
+    # issue 25, item 8: a decomposition used with a pipeline it does not belong to; absurd values at load
+    ("render another model's", lambda c: fake_dec(model="toy").render(c.pipe, [0]), InvalidInputError,
+     "fitted on model 'toy', not on this pipeline's 'tiny'", None),
+    ("explain another model's", lambda c: explain_image(c.pipe, fake_dec(model="toy"), 0), InvalidInputError,
+     "fitted on model 'toy'", None),
+    ("sweep another model's", lambda c: sweep(c.pipe, fake_dec(model="toy"), "red", [0.1], [0]), InvalidInputError,
+     "fitted on model 'toy'", None),
+    ("bias another model's", lambda c: detect_bias(c.pipe, fake_dec(model="toy"), ATTR), InvalidInputError,
+     "fitted on model 'toy'", None),
+    ("load renamed token, render", lambda c: Decomposition.load(c.tmp / "d").render(c.pipe, [0]), InvalidInputError,
+     "token 'obama' is not the token of id 736 in this model's vocabulary ('red')",
+     save_then(edit_json(tokens=["obama", "blue", "cat"]))),
+    ("load norm 1e300", lambda c: Decomposition.load(c.tmp / "d"), InvalidInputError,
+     "norm must be a number in (0, 1000]", save_then(edit_json(norm=1e300))),
+    ("load SDXL norm 1e300", lambda c: Decomposition.load(c.tmp / "d"), InvalidInputError,
+     "norm must be a number in (0, 1000]", save_then(edit_json(norm=[[16, 0.4], [16, 1e300]]))),
+    # issue 25, item 9: clear errors before any work, not raw IndexError / KeyError / RecursionError
+    ("load token id 10**9, render", lambda c: Decomposition.load(c.tmp / "d").render(c.pipe, [0]), InvalidInputError,
+     "token id 1000000000 is outside this model's vocabulary of 49408 tokens",
+     save_then(lambda f: ((f / "coefficients.safetensors").unlink(), edit_json(token_ids=[10**9, 1746, 2368])(f)))),
+    ("load template {x}", lambda c: Decomposition.load(c.tmp / "d"), InvalidInputError,
+     "template must be a string with exactly one '{}'", save_then(edit_json(template="a photo of {x} {}"))),
+    ("load nested 10**5 deep", lambda c: Decomposition.load(c.tmp / "d"), InvalidInputError,
+     "is not valid JSON (RecursionError", save_then(lambda f: (f / "decomposition.json").write_text(
+         '{"concept": ' + "[" * 10**5 + "]" * 10**5 + "}"))),
+    ("mitigate multi-token word", lambda c: mitigate_bias(c.pipe, c.dec, {"red": ["red"], "blue": ["xqzvblorf"]}),
+     InvalidInputError, "attribute['blue']: 'xqzvblorf' is 7 tokens in this model's vocabulary; mitigation raises", None),
+    ("bias word in two values", lambda c: detect_bias(c.pipe, c.dec, {"red": ["red", "crimson"], "blue": ["Red "]}),
+     InvalidInputError, "the word 'red' is in two values, 'red' and 'blue'", None),
+    ("images (3, H, W)", lambda c: detect_bias(c.pipe, c.dec, ATTR, images=torch.rand(3, 32, 32)), InvalidInputError,
+     "a (3, H, W) tensor is one image or 3 grayscale ones; pass x[None] for one image, x[:, None] for 3", None),
+    ("clip folder of a pickle", lambda c: conceptor_nb.load_clip(str(c.tmp / "clip")), InvalidInputError,
+     "holds no .safetensors weights (it holds config.json, pytorch_model.bin); pickled weights",
+     lambda c: ((c.tmp / "clip").mkdir(), (c.tmp / "clip" / "config.json").write_text("{}"),
+                (c.tmp / "clip" / "pytorch_model.bin").write_bytes(PICKLE))),
 ]
 
 
@@ -211,6 +249,14 @@ def test_bad_input(case, tiny_pipe, tmp_path, cache, no_work):
         call(ctx)
     assert fragment in str(info.value), str(info.value)
     assert snapshot(cache, ctx.tmp) == before
+    assert not Path("UNPICKLED").exists()
+
+
+def test_bias_warns_of_words_that_can_never_be_tokens(tiny_pipe, tiny_clip):
+    """Issue 25, item 9: gibberish (several tokens) used to give shares with no warning."""
+    with pytest.warns(UserWarning, match="'xqzvblorf'.*can never be a decomposition's tokens"):
+        report = detect_bias(tiny_pipe, fake_dec(), {"red": ["red"], "blue": ["xqzvblorf"]}, clip=tiny_clip, images=IMG)
+    assert report.coefficient_share["blue"] == 0 and report.n_images == 2
 
 
 def test_errors_are_one_type_that_is_also_a_value_error():
@@ -253,7 +299,9 @@ def test_image_forms_agree():
     assert torch.equal(as_images(ref), ref)
     assert torch.equal(as_images(u8), ref)
     assert torch.equal(as_images(u8.permute(0, 2, 3, 1).numpy()), ref)  # channels-last numpy
-    assert torch.equal(as_images(u8[0]), ref[:1])
+    assert torch.equal(as_images(u8[0][None]), ref[:1])
+    with pytest.warns(UserWarning, match="grayscale"):
+        assert torch.equal(as_images(u8[0, 0]), ref[:1, :1].expand(1, 3, 32, 32))
     pil = [Image.fromarray(a) for a in u8.permute(0, 2, 3, 1).numpy()]
     assert torch.equal(as_images(pil), ref)
     with pytest.warns(UserWarning, match="grayscale"):
@@ -378,7 +426,19 @@ def test_cli_concept_errors(tmp_path, cache, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_long_concept_default_out_and_rescue(tmp_path, cache, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def _cli_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli_cache")
+
+
+@pytest.fixture
+def cli_cache(_cli_cache, monkeypatch):
+    """One cache for the CLI runs below: the tiny CLIP's vocabulary features are computed once."""
+    monkeypatch.setenv("CONCEPTOR_CACHE", str(_cli_cache))
+    return _cli_cache
+
+
+def test_cli_long_concept_default_out_and_rescue(tmp_path, cli_cache, capsys, monkeypatch):
     """A 60-word concept gets a short default folder; a write that fails after the fit saves the result in
     the cache and says where; files get the user's umask."""
     import conceptor_nb.cli as cli
@@ -401,5 +461,36 @@ def test_cli_long_concept_default_out_and_rescue(tmp_path, cache, capsys, monkey
     capsys.readouterr()
     assert cli.main(["decompose", "a dog", *TINY_ARGS, "--out", str(tmp_path / "full")]) == 1
     err = capsys.readouterr().err
-    (rescued,) = (cache / "rescued").iterdir()
+    (rescued,) = (cli_cache / "rescued").iterdir()
     assert f"saved to {rescued}" in err and Decomposition.load(rescued).concept == "a dog"
+
+
+def test_cli_full_disk_prints_the_result_and_leaves_nothing_partial(tmp_path, cli_cache, capsys, monkeypatch):
+    """Issue 25, item 7: with --out and the cache's rescued/ both full, "the result is lost" and the partial files
+    blocked a re-run. Now the decomposition is printed as JSON (tokens, ids, coefficients), the files this run
+    created are removed (the same command runs again without --overwrite), and the printed JSON loads as the result."""
+    import conceptor_nb.cli as cli
+    import conceptor_nb.io as io
+
+    real = io.atomic_write
+
+    def full(path, data):  # the first image fits, nothing after it does
+        if Path(path).name in ("reconstruction.png", "coefficients.safetensors", "decomposition.json"):
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    rescued = list(cli_cache.glob("rescued/*/*"))
+    monkeypatch.setattr(io, "atomic_write", full)
+    out = tmp_path / "run"
+    assert cli.main(["decompose", "a dog", *TINY_ARGS, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    printed = json.loads(next(ln for ln in err.splitlines() if ln.startswith('{"concept"')))
+    assert "printed above as JSON" in err and len(printed["tokens"]) == len(printed["coefficients"]) == 8
+    assert not [f for f in io.RUN_FILES if (out / f).exists()] and list(cli_cache.glob("rescued/*/*")) == rescued
+    from conceptor_nb.checks import check_output_folder
+
+    check_output_folder(out, io.RUN_FILES)  # what refuses a re-run without --overwrite: nothing is left to refuse
+    (tmp_path / "printed").mkdir()
+    (tmp_path / "printed" / "decomposition.json").write_text(json.dumps(printed))  # as the message says
+    back = Decomposition.load(tmp_path / "printed")
+    assert back.tokens == printed["tokens"] and back.coefficients == printed["coefficients"] and back.model == "tiny"

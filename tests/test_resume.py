@@ -185,12 +185,13 @@ def _interrupt_after(proc, out, step, sig, timeout=240):
 def test_killed_and_interrupted_cli_run_resumes_to_the_same_coefficients(tmp_path, cache):
     ref = _cli(tmp_path, cache, tmp_path / "ref")
     assert ref.wait(timeout=300) == 0, ref.communicate()
+    entries = len(list(cache.glob("images/*/images.safetensors")))  # one a split of images the run uses
     out = tmp_path / "run"
     # 1. killed outright (no chance to clean up) after the checkpoint of step 3
     _interrupt_after(_cli(tmp_path, cache, out, slow=0.5), out, 3, signal.SIGKILL)
     assert not (out / "decomposition.json").exists()
     # 2. re-run: continues from step 3; Ctrl-C after step 6 -> one line, exit 130
-    proc = _cli(tmp_path, cache, out, slow=0.5)
+    proc = _cli(tmp_path, cache, out, slow=1.0)  # 6 s left after step 6: room for a loaded machine to notice it
     _, err = _interrupt_after(proc, out, 6, signal.SIGINT)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: its last checkpoint")
@@ -201,7 +202,7 @@ def test_killed_and_interrupted_cli_run_resumes_to_the_same_coefficients(tmp_pat
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "of another run" not in err
-    assert len(list(cache.glob("images/*/images.safetensors"))) == 1  # four processes, four hash seeds, one entry
+    assert len(list(cache.glob("images/*/images.safetensors"))) == entries  # four processes, four hash seeds, no new entry
     assert (out / "coefficients.safetensors").read_bytes() == (tmp_path / "ref" / "coefficients.safetensors").read_bytes()
     a = json.loads((out / "decomposition.json").read_text())
     b = json.loads((tmp_path / "ref" / "decomposition.json").read_text())
@@ -230,3 +231,63 @@ def test_other_clip_weights_under_the_same_name_miss_the_vocabulary_cache(tiny_c
     assert other.name == tiny_clip.name
     a, b = vocab_text_features(tiny_clip, verbose=False), vocab_text_features(other, verbose=False)
     assert not torch.equal(a, b) and len(list(cache.glob("vocab/*.safetensors"))) == 2
+
+
+# -- kill and resume across processes on fake Stable Diffusion (issue 25: resume and the image cache must not depend
+# on the process or its hash seed): three processes a model, each with another PYTHONHASHSEED ---------------------
+SD_RUN = """
+import json, sys
+import conceptor_nb as cn
+import conceptor_nb.method.fit as F
+model, ck, stop, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+s = cn.settings("sd")
+s = s.replace(n_train=2, n_val=0, gen_steps=1, dict_size=12, n_tokens=3, steps=6, batch_size=1, val_every=2,
+              clip_templates=s.clip_templates[:1], n_test=0)
+real, calls = F.step_loss, []
+def step(*a, **k):
+    calls.append(1)
+    if len(calls) == stop:
+        raise KeyboardInterrupt
+    return real(*a, **k)
+F.step_loss = step
+pipe = cn.load_pipeline(model, device="cpu")
+clip = cn.load_clip("openai/clip-vit-base-patch32", device="cpu")
+try:
+    dec = cn.decompose(pipe, "a president", clip=clip, settings=s, verbose=False, checkpoint_dir=ck if ck != "-" else None)
+except KeyboardInterrupt:
+    sys.exit(130)
+json.dump({"coefficients": dec.coefficients, "token_ids": dec.token_ids, "loss": dec.history["loss"]}, open(out, "w"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1",
+                                   "stabilityai/stable-diffusion-xl-base-1.0"])
+def test_killed_fit_resumes_in_a_new_process_on_fake_stable_diffusion(model, small_hub, tmp_path):
+    """Interrupted at step 5 (checkpoint at step 4) in one process, resumed in another with another hash seed: the
+    coefficients equal an uninterrupted run's (a third process), and the three share one image-cache entry."""
+    import fakehub
+
+    home, cache = small_hub.get(model, fakehub.CLIP_B32), tmp_path / "cache"
+    script = tmp_path / "run.py"
+    script.write_text(SD_RUN)
+
+    def run(hash_seed, ck, stop):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CONCEPTOR_CACHE": str(cache), "HF_HOME": str(home),
+               "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": str(hash_seed)}
+        env.pop("HF_HUB_CACHE", None)
+        out = tmp_path / f"result-{hash_seed}.json"
+        proc = subprocess.run([sys.executable, str(script), model, str(ck), str(stop), str(out)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        return proc, out
+
+    ref, ref_out = run(1, "-", 0)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ck = tmp_path / "ck"
+    killed, _ = run(2, ck, 5)
+    assert killed.returncode == 130 and (ck / "fit_state.safetensors").exists(), killed.stderr[-3000:]
+    resumed, out = run(3, ck, 0)
+    assert resumed.returncode == 0 and "of another run" not in resumed.stderr, resumed.stderr[-3000:]
+    a, b = json.loads(out.read_text()), json.loads(ref_out.read_text())
+    assert a == b  # the same coefficients, token ids and losses, steps 5-6 recomputed in the new process
+    assert len(list(cache.glob("images/*/images.safetensors"))) == 1  # a cache hit in processes 2 and 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -16,24 +17,43 @@ from ..checks import (as_images, bad, check_callable, check_float, check_int, ch
                       check_template, pipeline_resolution)
 from ..clip import clip_for
 from ..config import TEMPLATE
+from ..errors import InvalidInputError
 from ..io import load_result, save_result
-from ..method.decomposition import Decomposition, check_decomposition
+from ..method.decomposition import Decomposition, check_decomposition, check_fields
 from ..viz import axes
 from . import Saved
 
 Classifier = Callable[[torch.Tensor], list]
 
 
-def _check_attribute(attribute: dict) -> dict:
+def _check_attribute(attribute: dict, tokenizer=None, dec=None, *, single: bool = False) -> dict:
+    """The attribute with its words stripped and lower-case; a word in two values is refused. With ``tokenizer``,
+    a word of several tokens that is not one of ``dec``'s (it can never be a decomposition's token) is refused when
+    ``single``, else warned of."""
     if not isinstance(attribute, dict) or len(attribute) < 2:
         raise bad("attribute", attribute,
                   "a dict mapping at least two values to word lists, e.g. {'man': ['man'], 'woman': ['woman']}")
-    out = {}
+    out, owner = {}, {}
     for value, words in attribute.items():
         words = [words] if isinstance(words, str) else list(words) if isinstance(words, (list, tuple, set)) else None
         if not words or not all(isinstance(w, str) and w.strip() for w in words):
             raise bad(f"attribute[{value!r}]", attribute[value], "a non-empty list of words")
         out[str(value)] = [w.strip().lower() for w in words]
+        for w in out[str(value)]:
+            if owner.setdefault(w, str(value)) != str(value):
+                raise InvalidInputError(f"attribute: the word {w!r} is in two values, {owner[w]!r} and {str(value)!r}; "
+                                        "give each value its own words")
+    many = [(v, w, n) for v, ws in out.items() for w in ws
+            if tokenizer is not None and w not in (dec.tokens if dec else ())
+            and (n := len(tokenizer(w, add_special_tokens=False).input_ids)) != 1]
+    if many and single:
+        v, w, n = many[0]
+        raise InvalidInputError(f"attribute[{v!r}]: {w!r} is {n} tokens in this model's vocabulary; mitigation raises "
+                                "one token's coefficient, so give single-token words (e.g. 'woman', not 'businesswoman')")
+    if many:
+        warnings.warn(f"attribute words of several tokens ({', '.join(repr(w) for _, w, _ in many[:5])}) can never be "
+                      "a decomposition's tokens: their coefficient share is 0 (the images are still classified by CLIP). "
+                      "Check their spelling, or give single-token words", stacklevel=3)
     return out
 
 
@@ -123,8 +143,8 @@ def detect_bias(pipe, dec: Decomposition, attribute: dict, *, clip=None, images:
     ``oracle``: a ground-truth classifier, images -> values.
     """
     check_pipe(pipe)
-    check_decomposition("dec", dec)
-    attribute = _check_attribute(attribute)
+    check_fields(check_decomposition("dec", dec), "dec", pipe)
+    attribute = _check_attribute(attribute, pipe.tokenizer, dec)
     n = check_int("n", n, 1, allow_none=True)
     seed = check_seed("seed", seed, allow_none=True)
     check_callable("oracle", oracle)
@@ -205,8 +225,8 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
     zero-shot); the coefficient is found by doubling, then bisection on the measured share.
     """
     check_pipe(pipe)
-    check_decomposition("dec", dec)
-    attribute = _check_attribute(attribute)
+    check_fields(check_decomposition("dec", dec), "dec", pipe)
+    attribute = _check_attribute(attribute, pipe.tokenizer, dec, single=True)  # before any image is rendered
     values = list(attribute)
     if target is not None and not isinstance(target, dict):
         raise bad("target", target, f"a dict giving a share for each of {values}, summing to 1, or None")

@@ -13,7 +13,7 @@ import torch
 from ..checks import check_choice, check_float, check_int, check_pipe, check_seed
 from ..clip import clip_for
 from ..config import SAMPLERS
-from ..method.decomposition import Decomposition, check_decomposition
+from ..method.decomposition import Decomposition, check_decomposition, check_fields
 from ..method.fit import combine
 from ..method.generate import generate
 from ..method.inject import template_prompt, token_embeddings
@@ -96,7 +96,7 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     scores similarity (default: the decomposition's, see ``clip_for``).
     """
     check_pipe(pipe)
-    check_decomposition("dec", dec)
+    check_fields(check_decomposition("dec", dec), "dec", pipe)  # of this model, its tokens this model's
     seed = check_seed("seed", seed)
     n_tokens = check_int("n_tokens", n_tokens, 1, allow_none=True)
     threshold = check_float("threshold", threshold)  # outside [-1, 1]: drop every token, or none

@@ -1,4 +1,9 @@
-"""The work of a batch: the concept list (with per-concept settings), folder slugs, settings hashes and claims.
+"""The work of a batch: the concept list (with per-concept settings), folder slugs, settings hashes, the check of
+``--out`` before any work, and claims.
+
+A concept's folder is ``<out>/<slug>``: its words in any script and 8 hex digits of a hash of its exact text (and its
+per-concept settings), so two concepts never share one. A folder is the batch's once its ``batch.json`` names the
+concept; the batch never writes into a folder that holds files it did not write for that concept.
 
 A claim is a file ``<out>/.claims/<slug>.lock`` created with ``O_CREAT | O_EXCL`` and touched every ``HEARTBEAT_S``;
 it is stale when its owner (host, pid, start time) is on this host and gone, or untouched for ``STALE_AFTER_S``.
@@ -17,7 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..config import Settings, parse_setting
-from ..io import is_complete, read_json, slug
+from ..errors import OutputError
+from ..io import RUN_FILES, is_complete, read_json, slug
 
 try:
     import fcntl
@@ -68,8 +74,15 @@ def _job(c) -> Job:
     return Job(str(c))
 
 
+def job_slug(job: Job) -> str:
+    """The concept's words and a hash of its exact text (and per-concept settings): "a dog" -> "a-dog-ab02bbc6"."""
+    key = job.concept + ("\0" + json.dumps(job.overrides, sort_keys=True, default=str) if job.overrides else "")
+    return slug(job.concept, key=key)
+
+
 def as_jobs(concepts) -> list[Job]:
-    """A path, or a list of strings, ``Job``s or dicts (``{"concept": ..., "seed": ...}``); unique slugs."""
+    """A path, or a list of strings, ``Job``s or dicts (``{"concept": ..., "seed": ...}``); one job per concept
+    text and settings (a repeat is dropped), each with its folder name (:func:`job_slug`)."""
     jobs = read_concepts(concepts) if isinstance(concepts, (str, Path)) else [_job(c) for c in concepts]
     if not jobs:
         raise ValueError("the concept list is empty")
@@ -77,10 +90,9 @@ def as_jobs(concepts) -> list[Job]:
     for job in jobs:
         if set(job.overrides) - names:
             raise ValueError(f"{job.concept!r}: unknown settings {sorted(set(job.overrides) - names)}")
-        base = job.slug or slug(job.concept)
-        seen[base] = seen.get(base, 0) + 1
-        job.slug = base if seen[base] == 1 else f"{base}-{seen[base]}"
-    return jobs
+        job.slug = job.slug or job_slug(job)
+        seen.setdefault(job.slug, job)
+    return list(seen.values())
 
 
 def settings_hash(s) -> str:
@@ -89,12 +101,48 @@ def settings_hash(s) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
-def done_hash(folder) -> str | None:
-    """The settings hash of the complete decomposition in ``folder``, or None."""
+def done_hash(folder, concept: str | None = None) -> str | None:
+    """The settings hash of the complete decomposition in ``folder`` (of exactly ``concept`` when given), or None."""
     try:
-        return settings_hash(read_json(Path(folder) / "decomposition.json")["settings"]) if is_complete(folder) else None
+        meta = read_json(Path(folder) / "decomposition.json") if is_complete(folder) else None
+        return settings_hash(meta["settings"]) if meta and concept in (None, meta["concept"]) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def owner(folder) -> str | None:
+    """The concept whose batch run the folder holds (its ``batch.json``), or None."""
+    try:
+        return str(read_json(Path(folder) / "batch.json")["concept"])
     except (OSError, ValueError, KeyError):
         return None
+
+
+def check_out(out, jobs: list[Job], base: Settings, *, overwrite: bool = False) -> list[Job]:
+    """Before any work: ``jobs`` with the folders an older version named without a hash ("a-dog", its ``batch.json``
+    naming the same concept) kept; OutputError when a concept's folder holds files the batch did not write for it
+    (never overwritten), or, unless ``overwrite``, a finished result of other settings (never silently replaced)."""
+    out, foreign, other = Path(out), [], []
+    for job in jobs:
+        old = out / slug(job.concept)
+        if not (out / job.slug).exists() and owner(old) == job.concept:
+            job.slug = old.name
+        folder = out / job.slug
+        mine = owner(folder)
+        if mine not in (None, job.concept) or (mine is None and any(
+                (folder / f).exists() for f in (*RUN_FILES, "batch.json", "error.txt"))):
+            foreign.append(str(folder))
+        elif done_hash(folder, job.concept) not in (None, settings_hash(base.replace(**job.overrides))):
+            other.append(job.concept)
+    if foreign:
+        raise OutputError(f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} hold(s) files that conceptor "
+                          "batch did not write for that concept, and it never overwrites them: move them or choose "
+                          "another --out")
+    if other and not overwrite:
+        raise OutputError(f"--out {out} holds finished results of other settings for {len(other)} concept(s) ("
+                          f"{', '.join(map(repr, other[:3]))}{' ...' if len(other) > 3 else ''}): pass --overwrite to "
+                          "replace them with this run's, or choose another --out to keep both")
+    return jobs
 
 
 def _start_time(pid: int) -> str | None:
@@ -137,7 +185,7 @@ class Claim:
         info = self.read()
         try:
             age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
+        except OSError:  # none, or a name the file system refuses
             return None
         if info is None:
             return None
