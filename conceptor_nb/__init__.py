@@ -21,6 +21,7 @@ from .method.decomposition import Decomposition, decomposition_table
 from .method.dictionary import Dictionary, build_dictionary
 from .method.generate import concept_images, generate
 from .method.inject import pseudo_token
+from .method.transfer import Comparison, compare, load_embedding
 from .models import Setup, load_pipeline, setup
 from .viz import coefficient_bars, image_grid, save_figure, show_images, word_picture
 

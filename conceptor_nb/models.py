@@ -3,11 +3,15 @@ offline), a diffusers folder or a single checkpoint file; the shipped toy world;
 tests. ``setup()`` loads the active profile's model and CLIP for a notebook."""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers.utils.logging as dlog
 import torch
+from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
 
 from .clip import TEXT_WIDTH, Clip, clip_for, clip_tokenizer, load_clip, tiny_text_config  # noqa: F401 (clip_for)
@@ -30,6 +34,7 @@ NO_EXTRAS = {  # what Conceptor does not load: the safety checker and its image 
     "StableDiffusionXLPipeline": dict(add_watermarker=False)}
 WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model", "stable_diffusion": "model"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
 # diffusers' default config repo for a checkpoint type -> other ids of the same files people have cached
 CONFIG_ALIASES = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": ("runwayml/stable-diffusion-v1-5",),
@@ -91,17 +96,18 @@ def check_pipeline_folder(folder: Path, what: str, dtype: torch.dtype) -> tuple[
 
 
 def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | None = None, *, seed: int = 0,
-                  config: str | None = None):
+                  config: str | None = None, lora: str | None = None, lora_scale: float = 1.0):
     """A Stable Diffusion 1.x/2.x or SDXL diffusers pipeline, ready for Conceptor (on ``device``, frozen).
 
     ``name_or_path``: ``"toy"``, ``"tiny"``, a local pipeline folder, a folder the toy-world training wrote,
     a hub id (from the local Hugging Face cache when offline), or a single checkpoint file (``*.safetensors``;
     ``config``: the pipeline folder or hub id whose config files go with it, default: found from the
     checkpoint's keys among cached repos). ``dtype`` defaults to :func:`default_dtype`; weights stored only
-    as the fp16 variant are found and cast.
+    as the fp16 variant are found and cast. ``lora``: a LoRA fused in at ``lora_scale`` (see :func:`apply_lora`).
     """
     if not name_or_path or not str(name_or_path).strip():
         raise InvalidInputError("model name is empty: pass 'toy', 'tiny', a folder, a hub id or a .safetensors file")
+    lora_file = None if lora is None else find_lora(lora, lora_scale)  # a missing file is named before any loading
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
     name = str(name_or_path)
@@ -118,7 +124,59 @@ def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | N
                                 tokenizer=None if (run / "pipeline" / "tokenizer").is_dir() else clip_tokenizer())
     else:
         pipe = _from_pretrained(name, dtype)
+    if lora_file is not None:
+        apply_lora(pipe, lora, lora_scale, lora_file, name)
     return prepare_pipeline(pipe, name, device, dtype)
+
+
+def find_lora(lora, scale) -> Path:
+    """The weights file of a LoRA: a ``.safetensors`` file, a folder holding one, or a hub id (the local cache when
+    offline); checks ``scale`` too. InvalidInputError / ModelNotFoundError name what is wrong."""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise InvalidInputError(f"lora_scale must be a finite number, got {scale!r}")
+    if not isinstance(lora, (str, Path)) or not str(lora).strip():
+        raise InvalidInputError(f"lora must be a .safetensors file, a folder holding one or a hub id, got {lora!r}")
+    path, name = Path(lora).expanduser(), str(lora)
+    if path.is_dir():
+        files = [path / LORA_FILE] if (path / LORA_FILE).is_file() else sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise ModelNotFoundError(f"LoRA folder {path} holds {len(files)} .safetensors files; pass the file itself")
+        path = files[0]
+    elif not path.exists() and name.count("/") == 1 and not name.endswith(SINGLE_FILE_SUFFIXES):  # a hub id
+        folder = find_folder(name, LORA_FILE)
+        if folder is None and not offline():
+            try:
+                folder = Path(hf_hub_download(name, LORA_FILE)).parent
+            except Exception as err:
+                raise not_found(name, err) from err
+        if folder is None:
+            raise not_found(name)
+        path = folder / LORA_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"LoRA file {path} does not exist (lora={name!r})")
+    if path.suffix != ".safetensors":
+        raise InvalidInputError(f"LoRA {path}: only .safetensors files are read (a pickle can run code)")
+    return path
+
+
+def apply_lora(pipe, lora, scale: float, file: Path, model: str = "") -> None:
+    """Load the LoRA in ``file`` with diffusers' loader (peft), fuse it into the weights at ``scale`` and drop the
+    adapter layers. ``pipe.conceptor_lora`` records it (source, SHA-256 of the file, scale): the weights
+    fingerprint, and so every cache key, changes with it. One that does not fit the model is refused."""
+    try:
+        with quiet_loading():  # (which restores the level after) diffusers logs the error raised here
+            dlog.set_verbosity(dlog.CRITICAL)
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="conceptor")
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise InvalidInputError(f"LoRA {file} does not fit model {model!r} (made for another base model?): "
+                                f"{' '.join(root_cause(err).split())[:400]}") from err
+    if not any(hasattr(m, "lora_A") for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+               if part is not None for m in part.modules()):
+        raise InvalidInputError(f"LoRA {file} matched no layer of model {model!r}: made for another base model?")
+    pipe.fuse_lora(lora_scale=float(scale))
+    pipe.unload_lora_weights()
+    pipe.conceptor_lora = {"lora": str(lora), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                           "scale": float(scale)}
 
 
 def _from_pretrained(name: str, dtype: torch.dtype, tokenizer=None):

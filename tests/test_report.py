@@ -1,4 +1,5 @@
 """The HTML gallery of a batch: self-contained, and rendered by a real headless Chromium."""
+import html
 import os
 import re
 import shutil
@@ -45,7 +46,7 @@ def test_report_is_one_offline_file_with_every_concept(runs, tmp_path):
     assert len(srcs) == 2 * 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
     # the top-10 table of a concept holds its first 10 tokens, in order
     dog = batch.load_decompositions(runs)["a dog"]
-    card = text.split('id="c-a-dog"')[1].split("</section>")[0]
+    card = re.split(r'id="c-a-dog(-[0-9a-f]{8})?"', text)[-1].split("</section>")[0]  # (the folder may end in a hash)
     assert re.findall(r"<tr><td class=\"num\">\d+</td><td>([^<]*)</td>", card) == dog.tokens[:10]
 
 
@@ -105,10 +106,35 @@ def test_report_never_replaces_an_existing_file_named_by_html(runs, capsys):
     """`conceptor report DIR --html DIR/a-dog/decomposition.json` once replaced a result with HTML (issue 25, item 3)."""
     from conceptor_nb.cli import main
 
-    result = runs / "a-dog" / "decomposition.json"
+    result = next(runs.glob("a-dog*")) / "decomposition.json"  # (the folder may end in a hash)
     before = result.read_bytes()
     assert main(["report", str(runs), "--html", str(result)]) == 2
     assert "exists" in capsys.readouterr().err and result.read_bytes() == before
     assert main(["report", str(runs)]) == 0 and main(["report", str(runs)]) == 0  # its own index.html: rewritten
     page = runs / "index.html"
     assert main(["report", str(runs), "--html", str(page), "--overwrite"]) == 0 and "a dog" in page.read_text()
+
+
+def test_report_compare_shows_two_runs_side_by_side(runs, tmp_path, capsys):
+    """Issue 24: two runs (or the concepts two batches share) side by side, with their comparison table and bars."""
+    from conceptor_nb.cli import main
+
+    dog_run, cat_run = (next(runs.glob(f"{name}*")) for name in ("a-dog", "a-cat-friends"))
+    page = build_report(dog_run, tmp_path / "c.html", compare=cat_run)
+    text = page.read_text()
+    assert text.count('<section class="card done"') == 2
+    assert f'id="ca-{dog_run.name}"' in text and f'id="cb-{cat_run.name}"' in text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)
+    table = text.split('<table class="compare">')[1].split("</table>")[0]
+    dog, cat = (batch.load_decompositions(runs)[c] for c in ("a dog", "a <cat> & friends"))
+    tokens = set(re.findall(r"<tr><td>([^<]*)</td>", table))
+    assert tokens == {html.escape(t) for t in dog.tokens[:dog.n_tokens] + cat.tokens[:cat.n_tokens]}
+    assert "no error bars" in table  # one fit each: said, not invented
+    assert len(re.findall(r'<img class="compare"', text)) == 1
+    # two batch folders: every concept done in both (here a batch against itself)
+    both = build_report(runs, tmp_path / "b.html", compare=runs).read_text()
+    assert both.count('<section class="pair"') == 2
+    assert main(["report", str(dog_run), "--compare", str(cat_run)]) == 0
+    assert (dog_run / f"compare-{cat_run.name}.html").exists()
+    assert main(["report", str(dog_run), "--compare", str(runs)]) == 1  # a run against a batch: refused
+    assert "two run folders or two batch folders" in capsys.readouterr().err

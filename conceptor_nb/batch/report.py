@@ -2,6 +2,7 @@
 
 Per concept: the word picture, the top-k table, the concept images above the pseudo-token's
 reconstructions (same seeds), and the run's status; the index table sorts by a few lines of JavaScript.
+``compare=``: two runs (or the concepts two batches share) side by side, with their comparison.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..method.decomposition import Decomposition
-from ..io import atomic_write
+from ..method.transfer import compare as compare_decs
+from ..io import atomic_write, slug as slugify
 from ..viz import word_picture
 from .runner import summary_rows
 
@@ -37,6 +39,7 @@ table.sortable th[data-order=asc]::after { content: " \\25B2"; } table.sortable 
 .card { border: 1px solid #bbb; border-radius: 6px; padding: 1em; margin: 1em 0; }
 .card.failed { border-color: #c33; background: #fff4f4; } .row { display: flex; gap: 1.5em; flex-wrap: wrap; align-items: flex-start; }
 .images img { display: block; max-width: 100%; image-rendering: pixelated; margin-bottom: .3em; }
+.pair > .row > .card { flex: 1 1 0; min-width: 20em; } .up { color: #b22; } .down { color: #226; }
 """
 IMAGES = (("concept", "concept images"), ("reconstruction", "reconstructions from the top tokens (same seeds)"))
 e = html.escape
@@ -46,9 +49,9 @@ def _img(png: bytes, cls: str, alt: str) -> str:
     return f'<img class="{cls}" alt="{e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _word_picture_png(dec, k: int) -> bytes:
-    fig = Figure(figsize=(5, 2.2))  # no pyplot: the notebook's backend and figures are left alone
-    word_picture(dec, k=min(k, 8), ax=fig.subplots())
+def _png(draw, figsize=(5, 2.2)) -> bytes:
+    fig = Figure(figsize=figsize)  # no pyplot: the notebook's backend and figures are left alone
+    draw(fig.subplots())
     buf = BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     return buf.getvalue()
@@ -64,9 +67,9 @@ def _cell(v, digits: int = 3, num: bool = False) -> str:
     return f'<td{cls} data-v="{e(sort)}">{e(_fmt(v, digits))}</td>'
 
 
-def _card(out: Path, r: dict, top: int) -> str:
+def _card(out: Path, r: dict, top: int, side: str = "") -> str:
     slug, concept, status = r["slug"], r["concept"] or r["slug"], r["status"]
-    head = f'<section class="card {e(status)}" id="c-{e(slug)}" data-concept="{e(concept)}"><h2>{e(concept)}</h2>'
+    head = f'<section class="card {e(status)}" id="c{side}-{e(slug)}" data-concept="{e(concept)}"><h2>{e(concept)}</h2>'
     if status != "done":
         err = e(r.get("error") or "")
         return head + f"<p>status: <b>{e(status)}</b></p>" + (f"<pre>{err}</pre>" if err else "") + "</section>"
@@ -77,9 +80,11 @@ def _card(out: Path, r: dict, top: int) -> str:
     imgs = "".join(f'<div class="label">{label}</div>' + _img((out / slug / f"{name}.png").read_bytes(), name,
                                                               f"{concept}: {label}")
                    for name, label in IMAGES if (out / slug / f"{name}.png").exists())
-    return (head + f'<div class="label">model {e(dec.model)}, settings {e(str(r.get("settings_hash")))}, '
+    lora, words = dec.history.get("lora") or {}, f"{concept}: word picture"
+    model = dec.model + (f" + LoRA {lora['lora']} x{lora['scale']:g}" if lora else "")
+    return (head + f'<div class="label">model {e(model)}, settings {e(str(r.get("settings_hash")))}, '
             f"best validation step {e(_fmt(r.get('best_step')))} (score {e(_fmt(r.get('best_score')))})</div>"
-            f'<div class="row"><div>{_img(_word_picture_png(dec, top), "words", f"{concept}: word picture")}'
+            f'<div class="row"><div>{_img(_png(lambda ax: word_picture(dec, k=min(top, 8), ax=ax)), "words", words)}'
             '<table class="top"><thead><tr><th>#</th><th>token</th><th>coefficient</th><th>share</th></tr></thead>'
             f'<tbody>{table}</tbody></table></div><div class="images">{imgs}</div></div></section>')
 
@@ -89,13 +94,35 @@ def _index_row(r: dict) -> str:
     tops = ", ".join(str(r.get(f"token_{i}")) for i in range(1, 4) if r.get(f"token_{i}"))
     return (f'<tr><td data-v="{e(concept)}"><a href="#c-{e(r["slug"])}">{e(concept)}</a></td>' + _cell(r["status"])
             + _cell(tops) + _cell(r.get("best_score"), 3, True) + _cell(r.get("best_step"), 0, True)
-            + _cell(r.get("wall_s"), 1, True) + _cell(r.get("unet_total"), 0, True) + _cell(r.get("settings_hash"))
+            + _cell(r.get("wall_s"), 1, True) + _cell(r.get("unet_total"), 0, True) + _cell(r.get("clip_similarity"), 3, True)
+            + _cell(r.get("settings_hash"))
             + "</tr>")
 
 
-def build_report(out, html_path=None, *, top: int = 10, title: str | None = None) -> Path:
-    """Write the gallery of the batch in ``out`` to ``html_path`` (default ``out/index.html``); returns its path."""
+def _pair(a: Path, b: Path, top: int) -> str:
+    """Two run folders side by side, then their comparison (``method.transfer.compare``): table and bars."""
+    c = compare_decs(Decomposition.load(a), Decomposition.load(b))
+    f = c.to_frame()
+    rows = "".join(f'<tr><td>{e(str(t.token))}</td><td class="num">{t.a:.3f}</td><td class="num">{t.b:.3f}</td>'
+                   f'<td class="num {"up" if t.diff > 0 else "down"}">{t.diff:+.3f}</td><td class="num">{_fmt(t.error)}</td>'
+                   f'<td>{"no error bars" if t.exceeds_spread is None else "yes" if t.exceeds_spread else "no"}</td></tr>'
+                   for t in f.itertuples())
+    cards = "".join(_card(d.parent, {"slug": d.name, "concept": f"{label}: {d.name}", "status": "done"}, top, side)
+                    for d, label, side in ((a, c.label_a, "a"), (b, c.label_b, "b")))
+    plot = _img(_png(c.plot, (6, 0.3 * len(f) + 1.2)), "compare", f"{c.label_a} against {c.label_b}")
+    return (f'<section class="pair" id="p-{e(a.name)}"><div class="row">{cards}</div><h3>share of the top tokens: '
+            f'{e(c.label_a)} (a) and {e(c.label_b)} (b)</h3><div class="row"><table class="compare"><thead><tr><th>token</th>'
+            f'<th>a</th><th>b</th><th>b - a</th><th>2 sd</th><th>beyond the spread</th></tr></thead><tbody>{rows}'
+            f'</tbody></table>{plot}</div>{f"<p>{e(c.note)}</p>" if c.note else ""}</section>')
+
+
+def build_report(out, html_path=None, *, top: int = 10, title: str | None = None, compare=None) -> Path:
+    """Write the gallery of the batch in ``out`` to ``html_path`` (default ``out/index.html``); returns its path.
+    ``compare``: another run folder (``out`` being one) or batch folder: the two side by side (for batches, every
+    concept done in both), default file ``out/compare-<name>.html``."""
     out = Path(out)
+    if compare is not None:
+        return _build_comparison(out, Path(compare), html_path, top, title)
     if not out.is_dir():
         raise FileNotFoundError(f"no batch folder {out}")
     if not (rows := summary_rows(out)):
@@ -107,12 +134,31 @@ def build_report(out, html_path=None, *, top: int = 10, title: str | None = None
 <h1>{e(title)}</h1>
 <p>{sum(r['status'] == 'done' for r in rows)} of {len(rows)} concepts done. Click a column header to sort.</p>
 <table class="sortable" id="index"><thead><tr><th>concept</th><th>status</th><th>top tokens</th><th>best score</th>
-<th>best step</th><th>wall s</th><th>UNet evals</th><th>settings</th></tr></thead>
+<th>best step</th><th>wall s</th><th>UNet evals</th><th>faithfulness</th><th>settings</th></tr></thead>
 <tbody>{"".join(_index_row(r) for r in rows)}</tbody></table>
 {"".join(_card(out, r, top) for r in rows)}
 <script>{SORT_JS}</script>
 </body></html>
 """
     html_path = Path(html_path) if html_path else out / "index.html"
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(html_path, doc)
+
+
+def _build_comparison(a: Path, b: Path, html_path, top: int, title: str | None) -> Path:
+    runs = [(a / "decomposition.json").is_file(), (b / "decomposition.json").is_file()]
+    if runs[0] != runs[1] or not all(d.is_dir() for d in (a, b)):
+        raise FileNotFoundError(f"compare two run folders or two batch folders: {a} and {b}")
+    if runs[0]:
+        pairs = [(a, b)]
+    else:
+        done = [{r["slug"] for r in summary_rows(d) if r["status"] == "done"} for d in (a, b)]
+        pairs = [(a / s, b / s) for s in sorted(done[0] & done[1])]
+        if not pairs:
+            raise FileNotFoundError(f"{a} and {b} have no finished concept in common")
+    title = title or f"Conceptor: {a.resolve().name} and {b.resolve().name}"
+    doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style>'
+           f'</head><body>\n<h1>{e(title)}</h1>\n{"".join(_pair(x, y, top) for x, y in pairs)}\n</body></html>\n')
+    html_path = Path(html_path) if html_path else a / f"compare-{slugify(b.resolve().name)}.html"
     html_path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(html_path, doc)

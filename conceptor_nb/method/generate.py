@@ -25,18 +25,17 @@ SCHEDULERS = {"dpm": diffusers.DPMSolverMultistepScheduler, "lms": diffusers.LMS
               "pndm": diffusers.PNDMScheduler}
 DEFAULT = Settings()  # the defaults of generate and concept_images: gen_steps, guidance, sampler
 SEED_STRIDE = 1_000_003  # run seeds are this far apart: runs with different seeds share no image
-VAL_OFFSET = 500_000  # a run's validation images start here, inside its own stride
+OFFSETS = {"train": 0, "val": 500_000, "test": 750_000}  # where a run's images of each split start in its stride
 
 
 def image_seeds(seed: int, n: int, split: str = "train") -> list[int]:
-    """The generator seeds of a run's ``n`` images: ``seed * 1_000_003 + i`` (``split="val"``: ``+ 500_000 + i``),
-    so runs with different seeds, and a run's training and validation images, never share an image."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0 <= n <= VAL_OFFSET:
-        raise ValueError(f"n must be in 0..{VAL_OFFSET}, got {n}")
-    start = int(seed) * SEED_STRIDE + (VAL_OFFSET if split == "val" else 0)
-    return list(range(start, start + n))
+    """The generator seeds of a run's ``n`` images: ``seed * 1_000_003 + OFFSETS[split] + i``, so runs with
+    different seeds, and a run's training, validation and test (held-out) images, never share an image."""
+    if split not in OFFSETS:
+        raise ValueError(f"split must be one of {', '.join(OFFSETS)}, got {split!r}")
+    if not 0 <= n <= 250_000:
+        raise ValueError(f"n must be in 0..250000, got {n}")
+    return list(range(int(seed) * SEED_STRIDE + OFFSETS[split], int(seed) * SEED_STRIDE + OFFSETS[split] + n))
 
 
 @torch.no_grad()
@@ -85,9 +84,10 @@ def cache_entry(cache_dir, kind: str, key: dict) -> tuple[Path, str]:
 
 def _fingerprint(obj, modules: dict, extra: str) -> str:
     """A short SHA-256 of every byte of each module's parameters and buffers (with names, shapes, dtypes) and of
-    ``extra``. Memoised on ``obj`` until a tensor is changed in place (torch's version counters tell)."""
+    ``extra``. Memoised on ``obj`` until a tensor is changed in place (torch's version counters tell) or replaced
+    (its memory moves), or ``extra`` changes (another scheduler, a LoRA)."""
     tensors = [(f"{part}.{name}", p) for part, module in modules.items() for name, p in module.state_dict().items()]
-    versions = tuple(p._version for _, p in tensors)
+    versions = (tuple((p._version, p.data_ptr()) for _, p in tensors), extra)
     memo = getattr(obj, "_conceptor_fingerprint", None)
     if memo is not None and memo[0] == versions:
         return memo[1]
@@ -105,13 +105,19 @@ def _fingerprint(obj, modules: dict, extra: str) -> str:
 
 
 def weights_fingerprint(pipe) -> str:
-    """The fingerprint of a pipeline: its UNet, VAE and text encoder(s), scheduler config and tokenizer size."""
+    """The fingerprint of a pipeline: its UNet, VAE and text encoder(s), scheduler config, tokenizer size and
+    fused LoRA (``load_pipeline(lora=)``: its file's SHA-256 and scale, beside the weights it changed)."""
     parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
     if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
         parts["text_encoder_2"] = pipe.text_encoder_2
-    # the config's private keys ("_use_default_values": a list in set order) differ between processes
+    # the config's private keys differ between processes, but which values are defaults is kept (sorted: it is a
+    # list in set order): another sampler made ``from_config`` takes its own defaults for those (a saved and
+    # reloaded pipeline has none, and samples differently with the same weights)
     config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    return _fingerprint(pipe, parts, json.dumps(config, sort_keys=True, default=str) + str(len(pipe.tokenizer)))
+    config["_use_default_values"] = sorted(pipe.scheduler.config.get("_use_default_values") or [])
+    lora = getattr(pipe, "conceptor_lora", None)  # the file's content and the scale, not where it was read from
+    return _fingerprint(pipe, parts, json.dumps(config, sort_keys=True, default=str) + str(len(pipe.tokenizer))
+                        + (f"lora {lora['sha256']} x{lora['scale']!r}" if lora else ""))
 
 
 def clip_fingerprint(clip) -> str:
