@@ -162,7 +162,8 @@ RULES = {
     "template": check_template, "clip_templates": _templates, "flip": _flag, "seed": check_seed,
     "n_train": _ints(1), "n_val": _ints(0), "gen_steps": _ints(1, 1000), "dict_size": _ints(1), "n_tokens": _ints(1),
     "steps": _ints(1), "batch_size": _ints(1), "mlp_hidden": _ints(1), "val_every": _ints(0),
-    "val_steps": _ints(1, 1000), "val_patience": _ints(0),
+    "val_steps": _ints(1, 1000), "val_patience": _ints(0), "fits": _ints(1, 100), "n_test": _ints(0),
+    "test_draws": _ints(1, 10_000),
     "guidance": _floats(0.0, 100.0), "lr": _floats(0.0, 1.0, lo_open=True), "weight_decay": _floats(0.0, 10.0),
     "sparsity": _floats(0.0, 1e6), "min_timestep": _floats(0.0, 0.99),
     "exclude_threshold": _floats(-1.0, 1.0, allow_none=True), "null_threshold": _floats(-1.0, 1.0, allow_none=True),
@@ -226,7 +227,8 @@ def as_images(images, name: str = "images", size: int | None = None) -> torch.Te
     """External images as a float tensor (N, 3, size, size) in [0, 1].
 
     Accepts a float tensor or array in [0, 1], a uint8 tensor or array (0-255), a PIL image or a
-    list of them; (N, C, H, W), (C, H, W) or channels-last (N, H, W, C). Grayscale is repeated to RGB and
+    list of them; (N, C, H, W), channels-last (N, H, W, C) or one image (H, W, C), (1, H, W) or (H, W). A (3, H, W) or
+    (4, H, W) tensor is refused: one RGB(A) image or three (four) grayscale ones? Grayscale is repeated to RGB and
     RGBA loses its alpha (with a warning); other sizes are centre-cropped to square and resized to
     ``size`` (with a warning). Refused: NaN/inf, floats outside [0, 1], other integer types, empty batches.
     """
@@ -241,6 +243,9 @@ def as_images(images, name: str = "images", size: int | None = None) -> torch.Te
     if not isinstance(x, torch.Tensor):
         raise bad(name, images, accepted)
     x = x.detach().cpu()
+    if x.dim() == 3 and x.shape[0] in (3, 4):
+        raise bad(name, f"tensor of shape {tuple(x.shape)}", f"a batch: a ({x.shape[0]}, H, W) tensor is one image or "
+                  f"{x.shape[0]} grayscale ones; pass x[None] for one image, x[:, None] for {x.shape[0]} grayscale images")
     x = x[None, None] if x.dim() == 2 else x[None] if x.dim() == 3 else x
     if x.dim() != 4 or min(x.shape) == 0:
         raise bad(name, f"tensor of shape {tuple(x.shape)}", "a non-empty batch (N, 3, H, W) or (N, H, W, 3)")

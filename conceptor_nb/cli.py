@@ -1,4 +1,4 @@
-"""The ``conceptor`` command (also ``python -m conceptor_nb``): ``decompose``, ``batch`` and ``report``.
+"""The ``conceptor`` command (also ``python -m conceptor_nb``): ``decompose``, ``batch``, ``report`` and ``export``.
 
 Exit codes: 0 done, 2 bad input (nothing was loaded or written), 1 the run failed, 130 interrupted (resumable).
 """
@@ -16,11 +16,14 @@ from pathlib import Path
 import torch
 
 from .batch import TOP_K, as_jobs, build_report, decompose_many
+from .batch.jobs import check_out
 from .checks import check_output_folder, parse_concept, validate_settings
 from .method.decompose import decompose
-from .config import CLIP_TEMPLATES, HINTS, Profile, Settings, cache_dir, parse_setting, profile, resolve
+from .method.decomposition import Decomposition
+from .method.transfer import default_token
+from .config import CLIP_TEMPLATES, HINTS, Profile, Settings, parse_setting, profile, resolve
 from .errors import ConceptorError, InvalidInputError, OutputError
-from .io import CHECKPOINT_DIR, RUN_FILES, slug, write_run
+from .io import CHECKPOINT_DIR, RUN_FILES, rescue, slug, write_run
 from .models import load_clip, load_pipeline
 
 TINY_WARNING = "note: --model tiny has random weights; its decomposition is meaningless (it only shows the machinery runs)."
@@ -56,21 +59,11 @@ def add_run_flags(p: argparse.ArgumentParser, prof: Profile) -> None:
     p.add_argument("--model-config", help="for a single .safetensors checkpoint: the pipeline folder or cached hub id "
                    "whose config files go with it (default: found from its keys among cached repos)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best there is)")
+    p.add_argument("--lora", help="a LoRA fused into the model: a .safetensors file, a folder holding one, or a hub id")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's scale (default: 1.0)")
     p.add_argument("--refresh", action="store_true", help="generate the concept images again instead of reading the cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_settings_flags(p, prof)
-
-
-def _rescue(dec, out: Path, err: Exception) -> int:
-    """Writing --out failed after the fit: save the result in the cache instead, and say where."""
-    safe = cache_dir() / "rescued" / f"{slug(out.name or 'run', 32)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        dec.save(safe)
-    except Exception as err2:  # noqa: BLE001 - last resort: report both failures
-        print(f"error: could not write {out} ({err}), nor {safe} ({err2}); the result is lost", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"error: could not write {out} ({err}); the decomposition was saved to {safe} instead", file=sys.stderr)
-    return EXIT_FAILED
 
 
 def _settings(args, warn: bool = True):
@@ -82,7 +75,7 @@ def _settings(args, warn: bool = True):
 def _load(model: str, clip: str, args, device, note: bool = True):
     if model == "tiny" and note:
         print(TINY_WARNING, file=sys.stderr)
-    pipe = load_pipeline(model, device=device, config=args.model_config)
+    pipe = load_pipeline(model, device=device, config=args.model_config, lora=args.lora, lora_scale=args.lora_scale)
     return pipe, load_clip(clip, device=pipe.device)
 
 
@@ -109,8 +102,9 @@ def cmd_decompose(args) -> int:
     dec.history["timings"].update(load_s=t_load, total_s=t_total)
     try:
         write_run(dec, pipe, out, overwrite=args.overwrite)
-    except OSError as err:
-        return _rescue(dec, out, err)
+    except OSError as err:  # a full disk: the result is saved elsewhere, or printed (io.rescue)
+        print(f"error: {rescue(dec, out, err)}", file=sys.stderr)
+        return EXIT_FAILED
     shutil.rmtree(ckpt, ignore_errors=True)
     frame = dec.to_frame(args.show)
     print(f"\n{dec.concept!r} on {dec.model} with CLIP {dec.clip} (settings: {prof.name}): "
@@ -136,9 +130,11 @@ def cmd_batch(args) -> int:
             validate_settings(s.replace(**job.overrides))
         except InvalidInputError as err:
             raise InvalidInputError(f"concept {job.concept!r}: {err}") from None
+    check_out(args.out, jobs, s, overwrite=args.overwrite or args.recompute)  # never replaces a result unasked
     pipe, clip = _load(model, clip_name, args, args.device or state.device, note=state.is_main_process)
     df = decompose_many(pipe, jobs, args.out, clip=clip, settings=s, top=args.top, recompute=args.recompute,
-                        refresh=args.refresh, verbose=not args.quiet, state=state)
+                        overwrite=args.overwrite, refresh=args.refresh, verbose=not args.quiet, state=state,
+                        faithfulness=args.faithfulness)
     if not state.is_main_process:
         return EXIT_OK
     n = df["status"].value_counts().to_dict()
@@ -152,7 +148,18 @@ def cmd_batch(args) -> int:
 def cmd_report(args) -> int:
     if args.html and Path(args.html).exists() and not args.overwrite:  # --html names any file: never replace one
         raise OutputError(f"--html {args.html} exists: choose another file or pass --overwrite to replace it")
-    print(f"wrote {build_report(args.out, args.html, top=args.top)}")
+    print(f"wrote {build_report(args.out, args.html, top=args.top, compare=args.compare)}")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    dec, out = Decomposition.load(args.run), Path(args.embedding)
+    if out.suffix != ".safetensors" or (out.exists() and not args.overwrite):  # before loading the model
+        raise InvalidInputError(f"--embedding {out}: " + ("exists (pass --overwrite)" if out.suffix == ".safetensors"
+                                                          else "must end in .safetensors"))
+    pipe, token = load_pipeline(args.model or dec.model, device=args.device), args.token or default_token(dec)
+    dec.save_embedding(out, pipe, token=token, overwrite=args.overwrite)
+    print(f"wrote {out}: load it with diffusers' load_textual_inversion (README) and prompt {dec.template.format(token)!r}")
     return EXIT_OK
 
 
@@ -176,14 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "and per-concept settings columns (seed, steps, ...)")
     p.add_argument("--out", default="runs", help="output folder (default: runs)")
     p.add_argument("--top", type=int, default=TOP_K, help="tokens per concept in the summary")
-    p.add_argument("--recompute", action="store_true", help="decompose finished concepts again")
+    p.add_argument("--recompute", action="store_true", help="decompose finished concepts again (replacing them)")
+    p.add_argument("--faithfulness", type=int, default=0, metavar="N",
+                   help="CLIP similarity of each result's renders to its concept images on N images, with the concept's "
+                        "own other images (ceiling) and a random token's (floor), in the summary (0: not measured)")
+    p.add_argument("--overwrite", action="store_true", help="replace finished results of other settings (without it "
+                   "the batch refuses before any work); results of these settings are still skipped")
     add_run_flags(p, prof)
     p = sub.add_parser("report", help="a static offline HTML gallery of a batch folder")
     p.add_argument("out", help="the batch folder (conceptor batch --out)")
     p.add_argument("--html", help="the HTML file to write (default: OUT/index.html)")
     p.add_argument("--top", type=int, default=TOP_K, help="tokens per concept in the tables")
     p.add_argument("--overwrite", action="store_true", help="replace the file --html names if it exists")
-    for name, func in (("decompose", cmd_decompose), ("batch", cmd_batch), ("report", cmd_report)):
+    p.add_argument("--compare", metavar="OTHER", help="another run folder (OUT being one) or batch folder: the two side "
+                   "by side with their comparison (default file: OUT/compare-<OTHER>.html)")
+    p = sub.add_parser("export", help="write a run's pseudo-token as a textual-inversion file for diffusers",
+                       description="Write the pseudo-token of a run (rescaled as the fit did) as a .safetensors file "
+                       "that diffusers' load_textual_inversion reads (SDXL: clip_l and clip_g).")
+    p.add_argument("run", help="a run folder (conceptor decompose --out)")
+    p.add_argument("--embedding", required=True, help="the .safetensors file to write")
+    p.add_argument("--token", help="the new token (default: <word>, e.g. <doctor>)")
+    p.add_argument("--model", help="the model the run was fit on (default: the run's); only its vocabulary is read")
+    p.add_argument("--device", default="cpu", help="where to load it (default: cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace the file --embedding names if it exists")
+    for name, func in (("decompose", cmd_decompose), ("batch", cmd_batch), ("report", cmd_report),
+                       ("export", cmd_export)):
         sub.choices[name].set_defaults(func=func)
     return parser
 

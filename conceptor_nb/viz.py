@@ -5,7 +5,7 @@ import math
 import random
 
 import matplotlib.pyplot as plt
-import seaborn as sns
+from matplotlib.colors import is_color_like
 import torch
 from PIL import Image
 
@@ -39,19 +39,26 @@ def show_images(images: torch.Tensor, ax=None, nrow: int | None = None, title: s
 
 
 def coefficient_bars(dec, k: int = 10, ax=None, color: str = "C0"):
-    """Horizontal bars of the top-k coefficients."""
+    """Horizontal bars of the top-k coefficients; error bars: the spread across fits (where there are several);
+    grey: tokens the significance test does not support."""
     ax = axes(ax, (5, 0.3 * k + 1))
-    frame = dec.to_frame(k)
-    sns.barplot(data=frame, y="token", x="coefficient", color=color, ax=ax, orient="h")
-    ax.set_title(f"{dec.concept}: top {len(frame)} tokens")
-    ax.set_ylabel("")
+    f = dec.to_frame(k)
+    colours = ["lightgrey" if s is False else color for s in f["supported"]]
+    ax.barh(range(len(f)), f["coefficient"], xerr=None if f["spread"].isna().all() else f["spread"], color=colours,
+            error_kw={"ecolor": "black", "capsize": 2})
+    ax.set_yticks(range(len(f)), f["token"])
+    ax.invert_yaxis()
+    note = "; grey: not supported by the test" if (f["supported"] == False).any() else ""  # noqa: E712
+    ax.set_title(f"{dec.concept}: top {len(f)} tokens{note}")
+    ax.set_xlabel("coefficient" + (" (mean +- sd over fits)" if not f["spread"].isna().all() else ""))
     return ax
 
 
 def word_picture(dec, k: int = 8, ax=None, min_size: float = 9, max_size: float = 30):
-    """The paper-style picture: the top words, font size by coefficient."""
+    """The paper-style picture: the top words, font size by coefficient; a colour word in its colour, words the
+    significance test does not support in grey italics."""
     ax = axes(ax, (6, 2.5))
-    top = dec.top(k)
+    top, ok = dec.top(k), dec.supported()
     if not top:
         return ax
     hi = max(c for _, c in top) or 1.0
@@ -66,12 +73,16 @@ def word_picture(dec, k: int = 8, ax=None, min_size: float = 9, max_size: float 
         r, col = divmod(i, cols)
         x = (col + 0.5) / cols + rnd.uniform(-0.04, 0.04)
         y = 1 - (r + 0.5) / math.ceil(n / cols) + rnd.uniform(-0.05, 0.05)
+        word = token.replace("</w>", "")
+        colour = "lightgrey" if ok[i] is False else {"yellow": "goldenrod", "white": "silver"}.get(word, word) \
+            if is_color_like(word) and word.isalpha() else "black"
         ax.text(x, y, token, fontsize=(min_size + (max_size - min_size) * c / hi) * shrink, ha="center",
-                va="center", color=f"C{i % 10}", fontweight="bold" if i < 3 else "normal")
+                va="center", color=colour, fontweight="bold" if i < 3 else "normal",
+                fontstyle="italic" if ok[i] is False else "normal")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_axis_off()
-    ax.set_title(f'"{dec.concept}"')
+    ax.set_title(f'"{dec.concept}"' + (" (grey: not supported)" if False in ok[:n] else ""))
     return ax
 
 

@@ -77,6 +77,39 @@ cn.show_images(dec.render(pipe, dec.seeds(n)), ax=axes[1], nrow=n, title="pseudo
 cn.save_figure(fig, f"01_{concept}_reconstruction")
 
 # %% [markdown]
+# The paper's faithfulness measure puts a number on it: the CLIP similarity of the concept images to the
+# pseudo-token's renders, between the concept prompt's own images on other seeds (the ceiling) and a random
+# dictionary token's (the floor). `distance` is between the two image sets' mean CLIP embeddings.
+
+# %%
+display(dec.faithfulness(pipe, clip, n=n))
+
+# %% [markdown]
+# ## Which tokens can we stand behind?
+# One fit on one image set gives one ranked list, and wrong tokens can sit among right ones with similar
+# weights. Two kinds of evidence, both kept in the `Decomposition`:
+#
+# * **The significance test** (on by default; `n_test` held-out concept images, `test_draws` draws each):
+#   each top token is removed from the pseudo-token (the others rescaled, as in the fit), and the diffusion
+#   loss on held-out concept images is compared with and without it, on the same noise and timesteps.
+#   A token is *supported* when removing it raises the loss by more than two standard errors.
+# * **Error bars** (`fits=3`): the concept images are split into 3 disjoint parts and each is fitted on
+#   its own; a token gets its mean coefficient, the spread across the fits and the share of fits that
+#   keep it in their top n. It costs three fits (each on a third of the images).
+#
+# The plots grey the tokens the test does not support. What these say on the toy world, where the
+# truth is known, is measured in `conceptor_nb/data/toyworld/README.md`; read it before trusting either.
+
+# %%
+dec3 = cn.decompose(pipe, f"a {concept}", clip=clip, fits=3, verbose=False)
+display(dec3.to_frame(10)[["token", "coefficient", "spread", "kept", "loss_rise", "loss_rise_se", "supported"]])
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+dec.plot(k=10, ax=axes[0])
+dec3.plot(k=10, ax=axes[1])
+axes[1].set_title(f"{dec3.concept}: 3 fits, mean +- sd")
+cn.save_figure(fig, f"01_{concept}_evidence")
+
+# %% [markdown]
 # ## More concepts
 # The toy world's hidden concepts are built like the paper's examples: an exemplar mixture
 # ("fruit" = apples and lemons, like "president" = obama, biden, ...), a double meaning
@@ -129,9 +162,11 @@ if ex.ground_truth:
     assert shipped["summary"]["stability_top10_mean"] > shipped["summary"]["chance_top10_mean"]
     assert scores["recall@5"].mean() >= 0.5, scores
     assert (scores["recall@5"] > 0).all(), "every hidden concept should get at least one constituent in its top 5"
-for d in decs.values():  # every fit ran, kept a validated step, and its coefficients are ordered
+for d in [*decs.values(), dec3]:  # every fit ran, kept a validated step, and its coefficients are ordered
     assert d.history["best_step"] is not None and all(math.isfinite(x) for x in d.history["loss"])
     assert d.coefficients == sorted(d.coefficients, reverse=True)
+    assert len(d.supported()) == len(d.tokens) and all(math.isfinite(x) for x in d.delta_loss + d.delta_se)
+assert len(dec3.spread) == len(dec3.tokens) and all(0 <= k <= 1 for k in dec3.kept)
 
 # %% [markdown]
 # ## Try next

@@ -1,5 +1,6 @@
 import contextlib
 import os
+import shutil
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,10 +26,23 @@ def tiny_clip():
     return load_clip("tiny", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def _tiny_vocab(tmp_path_factory, tiny_clip):
+    """The tiny CLIP's vocabulary features (one template, float32: what the tiny profile uses), computed once."""
+    from conceptor_nb.config import TEMPLATE
+    from conceptor_nb.method.vocab import vocab_text_features
+
+    folder = tmp_path_factory.mktemp("vocab-cache")
+    vocab_text_features(tiny_clip, (TEMPLATE,), cache_dir=folder, verbose=False)
+    return folder / "vocab"
+
+
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private cache folder for the test."""
+def cache(tmp_path, monkeypatch, _tiny_vocab):
+    """A private cache folder for the test, holding a copy of the tiny CLIP's vocabulary features (about 17 s
+    each to compute on this CPU)."""
     folder = tmp_path / "cache"
+    shutil.copytree(_tiny_vocab, folder / "vocab")
     monkeypatch.setenv("CONCEPTOR_CACHE", str(folder))
     return folder
 

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 FILE = HERE / "fixtures" / "golden.json"
 SMALL = dict(n_train=2, n_val=1, gen_steps=1, dict_size=12, n_tokens=3, steps=2, batch_size=1, val_every=2,
-             val_steps=1, clip_templates=("a photo of a {}",))
+             val_steps=1, clip_templates=("a photo of a {}",), n_test=0)  # (the significance test: not a fit)
 FAKE = {"sd15": "runwayml/stable-diffusion-v1-5", "sd21v": "stabilityai/stable-diffusion-2-1",
         "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 CASES = ("tiny", "sd15", "sd21v", "sdxl", "toy-ci")
@@ -52,7 +52,8 @@ def _compute(case: str) -> dict:
         else:
             prof = "ci" if case == "toy-ci" else "toy"
             pipe, clip = load_pipeline("toy", device="cpu"), load_clip("toy", device="cpu")
-            dec = decompose(pipe, "a fruit", clip=clip, settings=settings(prof), cache_dir=cache, verbose=False)
+            dec = decompose(pipe, "a fruit", clip=clip, settings=settings(prof).replace(n_test=0), cache_dir=cache,
+                            verbose=False)
     return dict(concept=dec.concept, token_ids=dec.token_ids, tokens=dec.tokens, coefficients=dec.coefficients)
 
 

@@ -12,8 +12,10 @@ import torch
 from conceptor_nb.config import data_dir
 from conceptor_nb.toyworld.metrics import score_decomposition, spearman
 from conceptor_nb.toyworld.oracle import Oracle
-from conceptor_nb.toyworld.render import render_dataset, render_glyph, render_word, sample_records
+from conceptor_nb.clip import clip_tokenizer
+from conceptor_nb.toyworld.render import Record, render_dataset, render_glyph, render_word, sample_records
 from conceptor_nb.toyworld.spec import SpecError, load_spec, parse_spec
+from conceptor_nb.toyworld.train import Captioner
 
 SHIPPED = data_dir() / "toyworld"
 
@@ -70,6 +72,11 @@ def test_tiny_spec_derives_constituents():
         (lambda d: d["colours"].update(red=[1.2, 0, 0]), "outside [0, 1]"),
         (lambda d: d["concepts"].update(red={"components": [{"object": "apple", "weight": 1}]}), "also a colour"),
         (lambda d: d.update(template="a photo"), "exactly one"),
+        (lambda d: d["concepts"]["fruit"].update(bias={"majority": "circle", "minority": "square"}), "must be a colour word"),
+        (lambda d: d["concepts"]["fruit"].update(bias={"attribute": "shape", "majority": "circle", "minority": "square"}),
+         "'square' is not the shape of any"),
+        (lambda d: d["concepts"]["fruit"].update(bias={"attribute": "size", "majority": "x", "minority": "y"}),
+         "'colour' or 'shape'"),
     ],
 )
 def test_invalid_specs_raise_clear_errors(mutate, message):
@@ -77,6 +84,18 @@ def test_invalid_specs_raise_clear_errors(mutate, message):
     mutate(d)
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_spec(d)
+
+
+def test_a_shape_bias_is_a_valid_spec_and_its_captions_name_the_shape():
+    d = copy.deepcopy(TINY_SPEC)
+    d["concepts"]["toy"] = {"components": [{"shape": "circle", "colour": "red", "weight": 0.8},
+                                           {"shape": "square", "colour": "red", "weight": 0.2}],
+                            "bias": {"attribute": "shape", "majority": "circle", "minority": "square"}}
+    d["sampling"] = {"captions": {"concept": [["a photo of a {shape} {concept}", 1.0]]}}
+    s = parse_spec(d)
+    assert s.concepts["toy"].bias["minority"] == "square" and s.concepts["toy"].constituents["circle"] == pytest.approx(0.8)
+    cap = Captioner(s, clip_tokenizer())
+    assert cap.text(Record("concept", "square", "red", "toy", 1), np.random.default_rng(0)) == "a photo of a square toy"
 
 
 def test_multi_token_words_are_rejected(tmp_path):

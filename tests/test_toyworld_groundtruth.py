@@ -165,3 +165,46 @@ def test_target3_top10_stable_across_runs(runs):
         assert overlap > chance_overlap(10, len(a.tokens)), (c, overlap)
     mean = sum(top_overlap(_words(runs[c, 0][0], 10), _words(runs[c, 1][0], 10)) for c in TARGET_CONCEPTS) / 3
     assert mean >= 0.9, mean
+
+
+# --------------------------------------------------------------------------- issue 23: the significance test
+# The same runs (the toy profile's test: 8 held-out images x 8 draws, top 10). The full measurement, 18 runs and the
+# same on seeds 3-5, is in conceptor_nb/data/toyworld/README.md; these are the targets on the cheaper subset.
+def _supported(dec):
+    return [w for w, ok in zip(_words(dec, dec.n_tokens), dec.supported()) if ok]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 23: in the full evaluation (18 runs) 46% of supported tokens are drawn "
+                   "constituents (target 95%): the toy model's loss rewards tokens the spec does not name")
+def test_issue23_supported_tokens_are_drawn_constituents(runs):
+    sup = [(w, w in drawn) for dec, drawn in runs.values() for w in _supported(dec)]
+    assert sup and sum(ok for _, ok in sup) / len(sup) >= 0.95, sup
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 23: in the full evaluation drawn constituents are supported in 51% of "
+                   "the runs that draw them (target: each in at least 17 of 18)")
+def test_issue23_every_drawn_constituent_is_supported(runs):
+    missed = {key: sorted(set(drawn) - set(_supported(dec))) for key, (dec, drawn) in runs.items()}
+    assert not any(missed.values()), missed
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 23: the supported sets of a concept's runs agree with a mean Jaccard "
+                   "of 0.23 in the full evaluation (target 0.9)")
+def test_issue23_supported_sets_agree_across_runs(runs):
+    jac = []
+    for c in TARGET_CONCEPTS:
+        a, b = set(_supported(runs[c, 0][0])), set(_supported(runs[c, 1][0]))
+        jac.append(len(a & b) / max(1, len(a | b)))
+    assert sum(jac) / len(jac) >= 0.9, jac
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 23: R-precision 0.87 in the full evaluation (target 0.95)")
+def test_issue23_r_precision(runs):
+    spec = toy_spec()
+    rp = [len(set(_words(dec, len(spec.concepts[c].constituents))) & set(spec.concepts[c].constituents))
+          / len(spec.concepts[c].constituents) for (c, _), (dec, _) in runs.items()]
+    assert sum(rp) / len(rp) >= 0.95, rp

@@ -13,29 +13,38 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..checks import bad, check_token, validate_settings
+from ..checks import bad, check_template, check_token, validate_settings
+from ..clip import clip_for
 from ..config import TEMPLATE, Settings
 from ..errors import InvalidInputError, ResultNotFoundError
 from ..io import dumps, read_json, write_files
+from ..loading import model_name
 from ..viz import coefficient_bars
+from .dictionary import token_text
 from .fit import combine
 from .generate import concept_images, generate, image_seeds
-from .inject import template_prompt, token_embeddings
+from .inject import encoders, template_prompt, token_embeddings
+from .transfer import export_embedding
 
 
 def _finite(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
+MAX_NORM = 1e3  # a pseudo-token's norm is the vocabulary's mean embedding norm: about 0.4 (SD) to 2; 1e3 is absurd
+
+
 def _valid_norm(norm) -> bool:
-    """A positive number, or (SDXL) [[width, norm], ...] with positive integer widths and positive norms."""
+    """A number in (0, MAX_NORM], or (SDXL) [[width, norm], ...] with positive integer widths and such norms."""
     parts = norm if isinstance(norm, (list, tuple)) else [[1, norm]]
     return len(parts) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int)
-                                  and all(_finite(x) and x > 0 for x in p) for p in parts)
+                                  and all(_finite(x) and 0 < x <= MAX_NORM for x in p) for p in parts)
 
 
-def check_fields(dec, source: str):
-    """``dec``, or InvalidInputError naming ``source`` when its fields disagree (types, lengths, values)."""
+def check_fields(dec, source: str, pipe=None):
+    """``dec``, or InvalidInputError naming ``source`` when its fields disagree (types, lengths, values); with a
+    ``pipe``, also when it was fitted on another model, or a token id is outside this model's vocabulary or its
+    token text is not the id's (a hand edit)."""
     def refuse(msg):
         raise InvalidInputError(f"{source}: {msg}")
 
@@ -63,16 +72,32 @@ def check_fields(dec, source: str):
     if isinstance(dec.n_tokens, bool) or not isinstance(dec.n_tokens, int) or not 1 <= dec.n_tokens <= n:
         refuse(f"n_tokens must be an integer between 1 and {n}, got {dec.n_tokens!r}")
     if dec.norm is not None and not _valid_norm(dec.norm):
-        refuse(f"norm must be a positive number, null, or (two text encoders, SDXL) [[width, norm], ...] with "
-               f"positive integer widths and positive norms; got {dec.norm!r}")
-    if not isinstance(dec.template, str) or dec.template.count("{}") != 1:
-        refuse(f"template must contain exactly one '{{}}', got {dec.template!r}")
+        refuse(f"norm must be a number in (0, {MAX_NORM:g}] (token embeddings have norms near 1), null, or (two "
+               f"text encoders, SDXL) [[width, norm], ...] with positive integer widths and such norms; got {dec.norm!r}")
+    try:
+        check_template("template", dec.template)
+    except InvalidInputError as err:
+        refuse(str(err))
     if not isinstance(dec.history, dict):
         refuse("history must be a JSON object")
     try:
         validate_settings(dec.settings)
     except InvalidInputError as err:
         refuse(f"settings: {err}")
+    if pipe is None:
+        return dec
+    name, rows = model_name(pipe), min(enc.get_input_embeddings().num_embeddings for _, enc in encoders(pipe))
+    if dec.model and dec.model != name:
+        refuse(f"it was fitted on model {dec.model!r}, not on this pipeline's {name!r}: its tokens would be read by "
+               f"another model. Load {dec.model!r}, or, for the same weights under another name, use "
+               f"dataclasses.replace(dec, model={name!r})")
+    if max(dec.token_ids) >= rows:
+        refuse(f"token id {max(dec.token_ids)} is outside this model's vocabulary of {rows} tokens")
+    wrong = next((i for i, (t, j) in enumerate(zip(dec.tokens, dec.token_ids))
+                  if t.strip().lower() != token_text(pipe.tokenizer, j).lower()), None)
+    if wrong is not None:
+        refuse(f"token {dec.tokens[wrong]!r} is not the token of id {dec.token_ids[wrong]} in this model's vocabulary "
+               f"({token_text(pipe.tokenizer, dec.token_ids[wrong])!r}): a hand edit? Fix the token or its id")
     return dec
 
 
@@ -96,6 +121,14 @@ class Decomposition:
     excluded: list[str] = field(default_factory=list)
     settings: Settings = field(default_factory=Settings)  # the method settings the fit ran with
     history: dict = field(default_factory=dict)  # loss, validation, best_step, timings
+    # error bars (fits > 1; empty for one fit), per token in the order of ``tokens``: the coefficients' standard
+    # deviation across the fits, and the share of fits that keep the token in their top ``n_tokens``
+    spread: list[float] = field(default_factory=list)
+    kept: list[float] = field(default_factory=list)
+    # the significance test (empty when not run), per tested token (the first len(delta_loss) of ``tokens``): how
+    # much the held-out diffusion loss rises when the token is removed, and that rise's standard error
+    delta_loss: list[float] = field(default_factory=list)
+    delta_se: list[float] = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.settings, dict):  # read from JSON
@@ -105,25 +138,37 @@ class Decomposition:
         k = self.n_tokens if k is None else k
         return list(zip(self.tokens[:k], self.coefficients[:k]))
 
+    def supported(self) -> list:
+        """Per token: True when removing it raised the held-out loss by more than two standard errors, False when
+        not, None when it was not tested (beyond the tested top, or no test was run)."""
+        return [d > 2 * e for d, e in zip(self.delta_loss, self.delta_se)] + [None] * (len(self.tokens) - len(self.delta_loss))
+
     def to_frame(self, k: int | None = None) -> pd.DataFrame:
-        """The top ``k`` tokens (default ``n_tokens``) as a table, with each one's share of the top-k mass."""
+        """The top ``k`` tokens (default ``n_tokens``) as a table: coefficient (the mean over the fits), its share of
+        the top-k mass, its error bars (``spread``: standard deviation across the fits; ``kept``: share of fits
+        with the token in their top n) and its significance test (``loss_rise`` +- ``loss_rise_se``, ``supported``);
+        NaN or None where not computed."""
         k = self.n_tokens if k is None else k
         coef = self.coefficients[:k]
-        total = sum(coef) or 1.0
+        total, nan = sum(coef) or 1.0, [math.nan] * len(coef)
+        pad = lambda values: (list(values[:k]) + nan)[:len(coef)]
         return pd.DataFrame({
             "rank": range(1, len(coef) + 1), "token": self.tokens[:k], "token_id": self.token_ids[:k],
-            "coefficient": coef, "share": [c / total for c in coef],
-            "clip_score": self.dictionary_scores[:k] if self.dictionary_scores else [float("nan")] * len(coef),
+            "coefficient": coef, "share": [c / total for c in coef], "spread": pad(self.spread), "kept": pad(self.kept),
+            "loss_rise": pad(self.delta_loss), "loss_rise_se": pad(self.delta_se), "supported": self.supported()[:k],
+            "clip_score": pad(self.dictionary_scores),
         })
 
     def plot(self, k: int = 10, ax=None, color: str = "C0"):
-        """Bar chart of the top-k coefficients."""
+        """Bar chart of the top-k coefficients, with the spread across fits as error bars; tokens the
+        significance test does not support are grey."""
         return coefficient_bars(self, k=k, ax=ax, color=color)
 
     def vector(self, pipe, n_tokens: int | None = None, *, rescale: bool = True) -> torch.Tensor:
         """The pseudo-token of the top ``n_tokens`` (default ``self.n_tokens``; 0 or negative: all)."""
         n = self.n_tokens if n_tokens is None else n_tokens
         n = len(self.tokens) if n <= 0 else n
+        check_fields(self, "dec", pipe)  # of this pipeline's model, ids and tokens agreeing with its vocabulary
         emb = token_embeddings(pipe, self.token_ids[:n])
         coef = torch.tensor(self.coefficients[:n], device=emb.device, dtype=torch.float32)
         return combine(coef, emb, self.norm if rescale else None)
@@ -138,6 +183,12 @@ class Decomposition:
                         sampler=sampler or s.sampler, batch_size=batch_size, verbose=verbose,
                         desc="rendering the pseudo-token")
 
+    def save_embedding(self, path, pipe, *, token: str | None = None, n_tokens: int | None = None,
+                       overwrite: bool = False) -> Path:
+        """The pseudo-token as a textual-inversion ``.safetensors`` file that diffusers' ``load_textual_inversion``
+        reads (default token ``<word>``); see :func:`~conceptor_nb.method.transfer.export_embedding`."""
+        return export_embedding(self, pipe, path, token, n_tokens=n_tokens, overwrite=overwrite)
+
     def concept_images(self, pipe, n: int | None = None, *, seed: int | None = None, cache_dir=None,
                        verbose: bool = False) -> torch.Tensor:
         """The first ``n`` images the fit trained on (from the cache when there), the pairs of
@@ -145,6 +196,31 @@ class Decomposition:
         s = self.settings
         return concept_images(pipe, self.prompt, n or s.n_train, s.seed if seed is None else seed, steps=s.gen_steps,
                               guidance=s.guidance, sampler=s.sampler, cache_dir=cache_dir, verbose=verbose)
+
+    @torch.no_grad()
+    def faithfulness(self, pipe, clip=None, n: int = 16, *, cache_dir=None) -> pd.DataFrame:
+        """The paper's faithfulness measures: CLIP image similarity of the first ``n`` concept images to ``n`` images
+        of each of: the pseudo-token's renders (same seeds); the concept's prompt on held-out seeds (the ceiling);
+        a random dictionary token in the template (the floor). ``similarity``: mean cosine over all pairs;
+        ``distance``: between the two sets' mean embeddings."""
+        clip, s = clip_for(pipe, clip), self.settings
+        gen = dict(steps=s.gen_steps, guidance=s.guidance, sampler=s.sampler)
+        target = clip.image_features(self.concept_images(pipe, n, cache_dir=cache_dir))
+        other = self.tokens[torch.randint(self.n_tokens, len(self.tokens), (1,), generator=torch.Generator().manual_seed(
+            s.seed)).item()] if len(self.tokens) > self.n_tokens else self.tokens[-1]
+        floor = combine(torch.ones(1), token_embeddings(pipe, [self.token_ids[self.tokens.index(other)]]), self.norm)
+        rows = {"pseudo-token": self.render(pipe, self.seeds(n)),
+                "concept prompt, held-out seeds (ceiling)": concept_images(pipe, self.prompt, n, s.seed, split="test",
+                                                                          cache_dir=cache_dir, verbose=False, **gen),
+                f"random dictionary token {other!r} (floor)": generate(
+                    pipe, template_prompt(self.template), self.seeds(n), pseudo=floor, template=self.template,
+                    verbose=False, **gen)}
+        out = []
+        for name, images in rows.items():
+            f = clip.image_features(images)
+            out.append({"images": name, "similarity": float((f @ target.T).mean()),
+                        "distance": float((f.mean(0) - target.mean(0)).norm())})
+        return pd.DataFrame(out)
 
     def seeds(self, n: int) -> list[int]:
         """The seeds of the first ``n`` training images."""

@@ -41,42 +41,48 @@ class Dictionary:
         return len(self.token_ids)
 
 
+def candidates(clip, vocab_features: torch.Tensor, word: str, templates=(TEMPLATE,), *, exclude_concept: bool = True,
+               exclude_threshold: float | None = 0.9, null_threshold: float | None = None):
+    """(mask of the vocabulary tokens a dictionary may hold, the excluded concept tokens): ``exclude_concept``
+    removes the tokens of ``word`` and (``exclude_threshold``) tokens whose text embedding has a cosine above it
+    with the word's; ``null_threshold`` (not in the authors' method; the toy world's CLIP reads unknown tokens as no
+    word) drops tokens whose "a photo of a <token>" has a cosine above it with "a photo of a"."""
+    def mean_text(texts):
+        return F.normalize(clip.text_features(texts).mean(0), dim=0).cpu()
+
+    valid, excluded = vocab_features.norm(dim=-1) > 0, []
+    if exclude_concept:
+        valid[concept_token_ids(clip.tokenizer, word)] = False
+        if exclude_threshold is not None:
+            valid &= (vocab_features @ mean_text([t.format(word) for t in templates])) <= exclude_threshold
+        excluded = [token_text(clip.tokenizer, i)
+                    for i in torch.nonzero(~valid & (vocab_features.norm(dim=-1) > 0)).flatten().tolist()]
+    if null_threshold is not None:
+        valid &= (vocab_features @ mean_text([t.format("").strip() for t in templates])) <= null_threshold
+    return valid, excluded
+
+
 def build_dictionary(clip, images: torch.Tensor, word: str, size: int, *, vocab_features=None,
                      templates=(TEMPLATE,), precision: str | None = "fp32", exclude_concept: bool = True,
                      exclude_threshold: float | None = 0.9, null_threshold: float | None = None, cache_dir=None,
                      verbose: bool = True) -> Dictionary:
     """The ``size`` tokens whose CLIP text embedding (:func:`vocab_text_features` of ``templates`` in
-    ``precision``) is closest to the mean embedding of ``images``.
-
-    ``exclude_concept``: the tokens of ``word`` (the concept's word, as ``checks.parse_concept`` gives it) are
-    removed, and (``exclude_threshold``) tokens whose text embedding has a cosine above it with the word's.
-    ``null_threshold`` (not in the authors' method; the toy world's CLIP reads unknown tokens as no word)
-    drops tokens whose "a photo of a <token>" has a cosine above it with "a photo of a"."""
+    ``precision``) is closest to the mean embedding of ``images``, among the :func:`candidates` (with the null
+    filter on, fewer when fewer are left)."""
     tok = clip.tokenizer
     vocab_size = len(word_token_ids(tok))
     if not isinstance(size, int) or size <= 0 or size > vocab_size:
         raise ValueError(f"dictionary size must be between 1 and the vocabulary's {vocab_size} words, got {size!r}")
     if vocab_features is None:
         vocab_features = vocab_text_features(clip, templates, precision=precision, cache_dir=cache_dir, verbose=verbose)
-
-    def mean_text(texts):
-        return F.normalize(clip.text_features(texts).mean(0), dim=0).cpu()
-
-    sims = vocab_features @ F.normalize(clip.image_features(images).mean(0), dim=0).cpu()
-    valid = vocab_features.norm(dim=-1) > 0
-    excluded = []
-    if exclude_concept:
-        valid[concept_token_ids(tok, word)] = False
-        if exclude_threshold is not None:
-            valid &= (vocab_features @ mean_text([t.format(word) for t in templates])) <= exclude_threshold
-        excluded = [token_text(tok, i) for i in torch.nonzero(~valid & (vocab_features.norm(dim=-1) > 0)).flatten().tolist()]
-    if null_threshold is not None:
-        valid &= (vocab_features @ mean_text([t.format("").strip() for t in templates])) <= null_threshold
-        if 0 < int(valid.sum()) < size:
-            size = int(valid.sum())  # the meaningful tokens are fewer than asked: take them all
+    valid, excluded = candidates(clip, vocab_features, word, templates, exclude_concept=exclude_concept,
+                                 exclude_threshold=exclude_threshold, null_threshold=null_threshold)
+    if null_threshold is not None and 0 < int(valid.sum()) < size:
+        size = int(valid.sum())  # the meaningful tokens are fewer than asked: take them all
     if int(valid.sum()) < size:
         raise ValueError(f"only {int(valid.sum())} tokens are left after excluding the concept"
                          f"{' and the null-like tokens' if null_threshold is not None else ''}, fewer than size={size}")
+    sims = vocab_features @ F.normalize(clip.image_features(images).mean(0), dim=0).cpu()
     top = torch.topk(torch.where(valid, sims, torch.tensor(-float("inf"))), size)
     ids = top.indices.tolist()
     return Dictionary(ids, [token_text(tok, i) for i in ids], top.values.tolist(), excluded)

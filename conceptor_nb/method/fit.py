@@ -184,6 +184,40 @@ class Checkpoint:
         return state
 
 
+@torch.no_grad()
+def removal_test(pipe, images: torch.Tensor, token_ids, coefficients, norm, s: Settings, samples: int, *,
+                 seed: int = 0, chunk: int = 16) -> tuple[list[float], list[float]]:
+    """The significance test: per token, how much the diffusion loss on ``images`` (held out from the fit) rises
+    when the token is removed from the pseudo-token (its coefficient zeroed, the rest rescaled to ``norm`` as the
+    fit does), over ``samples`` draws (image, noise, t >= ``s.min_timestep``) shared by every variant, so the
+    differences are paired: (mean rise, its standard error) per token. (len(token_ids) + 1) * samples UNet passes."""
+    device = pipe.unet.device
+    emb = token_embeddings(pipe, list(token_ids)).detach()
+    coef = torch.as_tensor(coefficients, dtype=torch.float32, device=emb.device)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    n_t, ac = sched.config.num_train_timesteps, sched.alphas_cumprod.to(device)
+    ids = tokenize(pipe.tokenizer, template_prompt(s.template)).to(pipe.text_encoder.device)
+    lat = encode_latents(pipe.vae, images).float()
+    gen = torch.Generator("cpu").manual_seed(seed)
+    x0 = lat[torch.arange(samples) % len(lat)]
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.randint(int(s.min_timestep * n_t), n_t, (samples,), generator=gen).to(device)
+    amp = autocast_dtype(device, s.autocast, pipe.unet.dtype)
+
+    def losses(c):
+        w = combine(c, emb, norm)
+        return torch.cat([diffusion_loss(pipe, w, x0[i:i + chunk], noise[i:i + chunk], t[i:i + chunk], ids, s.template,
+                                         sched.config.prediction_type, ac, amp, reduction="none")
+                          for i in range(0, samples, chunk)])
+
+    full, rise, se = losses(coef), [], []
+    for j in range(len(coef)):
+        d = losses(coef.index_fill(0, torch.tensor([j], device=coef.device), 0.0)) - full
+        rise.append(float(d.mean()))
+        se.append(float(d.std() / samples ** 0.5))
+    return rise, se
+
+
 def fit(pipe, images: torch.Tensor, token_ids, s: Settings, *, clip=None, val_images=None, rescale: bool = True,
         verbose: bool = True, on_step=None, checkpoint=None) -> tuple[torch.Tensor, dict]:
     """Train the coefficient MLP: (coefficients of the best validation step, or the last; history).

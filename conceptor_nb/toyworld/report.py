@@ -105,11 +105,13 @@ def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=No
                    "drawn": drawn, "missing_spec": sc.missing, "missing_drawn": [w for w in drawn if w not in found_drawn],
                    "not_world_in_top": [w for w in words[:k] if w not in world],
                    "concept_images": m.generated}
+            row.update(evidence(dec, spec, c, drawn, words))
             if render_n:
                 n = min(render_n, len(imgs))
                 rend = dec.render(pipe, dec.seeds(n))
                 row["renders"] = mixture_proportions(pipe, spec, c, oracle=oracle, images=rend).generated
                 row["concept_images_first_n"] = mixture_proportions(pipe, spec, c, oracle=oracle, images=imgs[:n]).generated
+                row["render_tv"] = 0.5 * sum(abs(row["renders"][x] - row["concept_images_first_n"][x]) for x in row["renders"])
             if row["missing_drawn"] and miss_repeats:
                 row["miss_checks"] = [miss_check(pipe, dec, imgs, w, k=k, repeats=miss_repeats) for w in row["missing_drawn"]]
             row["seconds"] = round(time.time() - t, 1)
@@ -131,6 +133,49 @@ def decomposition_report(pipe, clip, spec: Spec, seeds=(0, 1, 2), *, settings=No
             out["timestep_diagnostic"]["concepts"][c] = timestep_diagnostic(pipe, spec, c, imgs, template=s.template)
     out.update(model_fidelity(pipe, spec, s, guidances, guidance_n, word_n, oracle=oracle, log=log))
     return out
+
+
+def evidence(dec, spec: Spec, concept: str, drawn: list[str], words: list[str]) -> dict:
+    """What a run's error bars and significance test say: the supported and tested words, the R-precision of the
+    ranking (the top r, r = number of constituents, that are constituents), the top words' spread and kept share,
+    and the number of UNet evaluations."""
+    cons = spec.concepts[concept].constituents
+    tested, supported = len(dec.delta_loss), [w for w, ok in zip(words, dec.supported()) if ok]
+    visible = set(drawn) | {c for o in drawn if o in spec.objects for c in spec.objects[o]["colours"]}
+    return {"supported": supported, "tested": tested, "supported_visible": [w for w in supported if w in visible],
+            "r_precision": len(set(words[:len(cons)]) & set(cons)) / len(cons),
+            "test": [[w, round(d, 7), round(e, 7)] for w, d, e in zip(words, dec.delta_loss, dec.delta_se)],
+            "spread": [round(x, 4) for x in dec.spread[:len(words)]], "kept": dec.kept[:len(words)],
+            "fits": dec.settings.fits, "unet_evals": dec.history.get("unet_evals", {}).get("total")}
+
+
+def evidence_summary(runs: dict) -> dict:
+    """Issue 23's targets over the runs: the share of supported tokens that are drawn constituents (``_visible``:
+    or a colour of a drawn object, like red for apples, which the spec does not list), each drawn
+    constituent's support count (runs where it is supported / runs where it is drawn), the mean R-precision, the
+    mean Jaccard of the supported sets between a concept's runs, and the renders' mean total-variation distance."""
+    rows = [r for rs in runs.values() for r in rs if "supported" in r]
+    if not rows:
+        return {}
+    sup = [(w in r["drawn"]) for r in rows for w in r["supported"]]
+    counts = {}
+    for c, rs in runs.items():
+        for w in {w for r in rs for w in r["drawn"]}:
+            drawn_in = [r for r in rs if w in r["drawn"]]
+            counts[f"{c}:{w}"] = [sum(w in r["supported"] for r in drawn_in), len(drawn_in)]
+    jac = [len(set(a["supported"]) & set(b["supported"])) / max(1, len(set(a["supported"]) | set(b["supported"])))
+           for rs in runs.values() for i, a in enumerate(rs) for b in rs[i + 1:]]
+    tv = [r["render_tv"] for r in rows if "render_tv" in r]
+    vis = [w in r["supported_visible"] for r in rows for w in r["supported"]]
+    return {"supported_precision": float(np.mean(sup)) if sup else float("nan"), "supported_tokens": len(sup),
+            "supported_visible_precision": float(np.mean(vis)) if vis else float("nan"),
+            "drawn_supported": counts, "drawn_supported_share": sum(a for a, _ in counts.values()) / max(1, sum(b for _, b in counts.values())),
+            "drawn_supported_min": min((a / b for a, b in counts.values()), default=float("nan")),
+            "r_precision": float(np.mean([r["r_precision"] for r in rows])),
+            "supported_jaccard": float(np.mean(jac)) if jac else float("nan"),
+            "render_tv": float(np.mean(tv)) if tv else float("nan"), "render_tv_max": max(tv, default=float("nan")),
+            "unet_evals_mean": float(np.mean([r["unet_evals"] or 0 for r in rows])),
+            "seconds_mean": float(np.mean([r["seconds"] for r in rows]))}
 
 
 def summarise(runs: dict, k: int = 5, top: int = 10) -> dict:
@@ -157,7 +202,7 @@ def summarise(runs: dict, k: int = 5, top: int = 10) -> dict:
         f"stability_top{top}": stab, f"chance_top{top}": chance,
         f"stability_top{top}_mean": float(np.nanmean(list(stab.values()))),
         f"stability_top{k}": stab_k, f"stability_top{k}_mean": float(np.nanmean(list(stab_k.values()))),
-        f"chance_top{top}_mean": float(np.mean(list(chance.values()))),
+        f"chance_top{top}_mean": float(np.mean(list(chance.values()))), **evidence_summary(runs),
     }
 
 
@@ -189,6 +234,7 @@ def report_markdown(rep: dict, spec: Spec) -> str:
                      + (f" {sk[c]:.2f} |" if sk else ""))
     lines.append(f"| mean | {sm[f'stability_top{top}_mean']:.2f} | {sm[f'chance_top{top}_mean']:.2f} |"
                  + (f" {sm[f'stability_top{k}_mean']:.2f} |" if sk else ""))
+    lines += evidence_markdown(rep)
     checks = [(c, r, m) for c, rows in rep["runs"].items() for r in rows for m in r.get("miss_checks", [])]
     if checks:
         lines += ["", f"Drawn constituents missing from a top {k}: would the fit's own objective rank them higher? The fit's "
@@ -230,6 +276,34 @@ def report_markdown(rep: dict, spec: Spec) -> str:
                     f = lambda d: ", ".join(f"{a} {_pct(b)}" for a, b in d.items())
                     lines.append(f"| {c} | {r['seed']} | {f(r['concept_images_first_n'])} | {f(r['renders'])} |")
     return "\n".join(lines + fidelity_markdown(rep, spec))
+
+
+def evidence_markdown(rep: dict) -> list[str]:
+    """The significance test's verdicts per run and issue 23's targets, as Markdown lines (none in older reports)."""
+    sm = rep["summary"]
+    if "supported_precision" not in sm:
+        return []
+    lines = ["", "Which tokens the significance test supports (removing the token from the pseudo-token raises the "
+             "held-out diffusion loss by more than two standard errors; the top 10 tested):", "",
+             "| concept | run | drawn constituents | supported | R-precision |", "| --- | --- | --- | --- | --- |"]
+    for c, rows in rep["runs"].items():
+        for r in rows:
+            lines.append(f"| {c} | {r['seed']} | {', '.join(r['drawn'])} | {', '.join(r['supported']) or '-'} | "
+                         f"{r['r_precision']:.2f} |")
+    missed = {k: v for k, v in sm["drawn_supported"].items() if v[0] < v[1]}
+    lines += ["", "| target (issue 23) | measured | target |", "| --- | --- | --- |",
+              f"| supported tokens that are drawn constituents | {_pct(sm['supported_precision'])} of "
+              f"{sm['supported_tokens']} ({_pct(sm['supported_visible_precision'])} counting a drawn object's colour) "
+              f"| >= 95% |",
+              f"| drawn constituents supported (all runs) | {_pct(sm['drawn_supported_share'])}; worst "
+              f"{_pct(sm['drawn_supported_min'])} | every one in >= 17 of 18 runs |",
+              f"| R-precision of the ranking | {sm['r_precision']:.2f} | >= 0.95 |",
+              f"| Jaccard of the supported sets across runs | {sm['supported_jaccard']:.2f} | >= 0.9 |",
+              f"| renders' composition, total variation | {sm['render_tv']:.2f} (worst {sm['render_tv_max']:.2f}) | "
+              f"<= 0.10 |",
+              "", "Drawn constituents the test did not support in every run (supported / drawn runs): "
+              + (", ".join(f"{k} {a}/{b}" for k, (a, b) in missed.items()) or "none") + "."]
+    return lines
 
 
 def fidelity_markdown(rep: dict, spec: Spec) -> list[str]:

@@ -304,10 +304,16 @@ def parse_spec(raw: dict, path: Path | None = None) -> Spec:
                 raise SpecError(f"{where}.constituents: {word!r} is not a world word")
             _weight(wt, f"{where}.constituents.{word}")
         bias = c.get("bias")
-        if bias is not None:
+        if bias is not None:  # a colour bias (the default) or a shape bias, between two of the concept's components
+            attribute = bias.get("attribute", "colour") if isinstance(bias, dict) else None
+            if attribute not in ("colour", "shape"):
+                raise SpecError(f"{where}.bias.attribute must be 'colour' or 'shape', got {attribute!r}")
+            drawn = {x.colour if attribute == "colour" else x.glyph for x in comps}
             for k in ("majority", "minority"):
-                if _req(bias, k, f"{where}.bias") not in colours:
-                    raise SpecError(f"{where}.bias.{k} must be a colour word")
+                if _req(bias, k, f"{where}.bias") not in (colours if attribute == "colour" else shapes):
+                    raise SpecError(f"{where}.bias.{k} must be a {attribute} word")
+                if bias[k] not in drawn:
+                    raise SpecError(f"{where}.bias.{k} {bias[k]!r} is not the {attribute} of any of its components")
         concepts[w] = Concept(word=w, kind=str(c.get("kind", "mixture")), components=tuple(comps),
                               constituents={k: float(v) for k, v in cons.items()},
                               description=str(c.get("description", "")), bias=bias)

@@ -51,7 +51,8 @@ class Captioner:
     def text(self, rec: Record, rng: np.random.Generator) -> str:
         forms, p = self.forms[rec.kind]
         form = forms[rng.choice(len(forms), p=p)]
-        return form.format(colour=rec.colour, shape=rec.word, object=rec.word, concept=rec.word)
+        shape = rec.glyph if rec.kind == "concept" else rec.word  # a concept's caption may name its shape (a shape bias)
+        return form.format(colour=rec.colour, shape=shape, object=rec.word, concept=rec.word)
 
     def ids_of(self, text: str) -> list[int]:
         if text not in self._cache:
