@@ -239,8 +239,11 @@ def test_image_seeds_of_runs_are_disjoint():
     assert not (sets[0] & sets[1]) and not (sets[1] & sets[2]) and not (sets[0] & sets[2])
     assert image_seeds(1, 3) == [1_000_003, 1_000_004, 1_000_005]
     assert image_seeds(0, 2) == [0, 1] and image_seeds(0, 0) == []
+    assert not set(image_seeds(0, 250_000, "test")) & (set(image_seeds(0, 250_000)) | set(image_seeds(0, 250_000, "val")))
     with pytest.raises(ValueError):
-        image_seeds(0, 1, "test")
+        image_seeds(0, 1, "holdout")
+    with pytest.raises(ValueError):
+        image_seeds(0, 250_001)
 
 
 def test_decomposition_seeds_follow_the_mapping():

@@ -38,7 +38,8 @@ def _valid_norm(norm) -> bool:
     """A number in (0, MAX_NORM], or (SDXL) [[width, norm], ...] with positive integer widths and such norms."""
     parts = norm if isinstance(norm, (list, tuple)) else [[1, norm]]
     return len(parts) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int)
-                                  and all(_finite(x) and 0 < x <= MAX_NORM for x in p) for p in parts)
+                                  and not isinstance(p[0], bool) and p[0] > 0 and _finite(p[1])
+                                  and 0 < p[1] <= MAX_NORM for p in parts)
 
 
 def check_fields(dec, source: str, pipe=None):
@@ -94,7 +95,7 @@ def check_fields(dec, source: str, pipe=None):
     if max(dec.token_ids) >= rows:
         refuse(f"token id {max(dec.token_ids)} is outside this model's vocabulary of {rows} tokens")
     wrong = next((i for i, (t, j) in enumerate(zip(dec.tokens, dec.token_ids))
-                  if t.strip().lower() != token_text(pipe.tokenizer, j).lower()), None)
+                  if t.replace("</w>", "").strip().lower() != token_text(pipe.tokenizer, j).lower()), None)
     if wrong is not None:
         refuse(f"token {dec.tokens[wrong]!r} is not the token of id {dec.token_ids[wrong]} in this model's vocabulary "
                f"({token_text(pipe.tokenizer, dec.token_ids[wrong])!r}): a hand edit? Fix the token or its id")
