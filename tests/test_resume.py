@@ -155,8 +155,10 @@ def _cli(tmp_path, cache, out, *extra, slow=0.0):
     script.write_text(SLOW_CLI)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CONCEPTOR_CACHE": str(cache), "SLOW": str(slow),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": str(next(_HASH_SEEDS))}
+    # SIGINT as a user's Ctrl-C: default handling in the child, whatever this process inherited or set
     return subprocess.Popen([sys.executable, str(script), "decompose", "a dog", *CLI_ARGS, "--out", str(out), *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _checkpoint_step(out) -> int:
@@ -188,8 +190,11 @@ def test_killed_and_interrupted_cli_run_resumes_to_the_same_coefficients(tmp_pat
     entries = len(list(cache.glob("images/*/images.safetensors")))  # one a split of images the run uses
     out = tmp_path / "run"
     # 1. killed outright (no chance to clean up) after the checkpoint of step 3
-    _interrupt_after(_cli(tmp_path, cache, out, slow=0.5), out, 3, signal.SIGKILL)
+    _interrupt_after(_cli(tmp_path, cache, out, slow=1.0), out, 3, signal.SIGKILL)
     assert not (out / "decomposition.json").exists()
+    # killed before its next checkpoint (3 s later), or the re-run below would find a checkpoint of step 6 already
+    # and be interrupted while it starts, where a library's bare `except:` may swallow the KeyboardInterrupt
+    assert _checkpoint_step(out) == 3
     # 2. re-run: continues from step 3; Ctrl-C after step 6 -> one line, exit 130
     proc = _cli(tmp_path, cache, out, slow=1.0)  # 6 s left after step 6: room for a loaded machine to notice it
     _, err = _interrupt_after(proc, out, 6, signal.SIGINT)
