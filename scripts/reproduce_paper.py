@@ -96,7 +96,7 @@ def run(concepts=None, *, out="reproduction", model: str | None = None, clip: st
     load_s = time.perf_counter() - t0
     decs = {}
     for concept in concepts or list(PAPER):
-        folder = out / slug(concept, sep="_")
+        folder = out / slug(concept).replace("-", "_")
         if (folder / "decomposition.json").exists() and not overwrite:
             decs[concept] = Decomposition.load(folder)
             continue
