@@ -47,6 +47,13 @@ def cache(tmp_path, monkeypatch, _tiny_vocab):
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (small models on a busy 2-core machine: fastest); restored after it by
+    ``_seed_and_threads``."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     """Every test starts seeded, and torch's thread count is restored after it (some tests change it)."""

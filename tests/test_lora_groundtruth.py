@@ -15,19 +15,11 @@ from conceptor_nb.config import data_dir
 from conceptor_nb.method.generate import image_seeds
 from conceptor_nb.toyworld import Oracle, toy_spec
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 LORA = data_dir() / "toyworld" / "doctor_red_lora.safetensors"
 TOY = cn.settings("toy")
 N = 64  # images per prompt for the oracle
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models on a busy 2-core machine: one thread is fastest
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from conceptor_nb.method.generate import SCHEDULERS, weights_fingerprint
 
 WORDS = ["red", "blue", "person", "apple", "square", "circle"]
 COEFS = [0.5, 0.3, 0.2, 0.1, 0.05, 0.01]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models on a busy 2-core machine: one thread is fastest
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
