@@ -87,7 +87,7 @@ def check_template(name: str, value) -> str:
 
 def check_callable(name: str, value):
     if value is not None and not callable(value):
-        raise bad(name, value, "a function (images -> labels) or None")
+        raise bad(name, value, "a function of images (e.g. images -> labels) or None")
     return value
 
 
@@ -164,7 +164,8 @@ RULES = {
     "steps": _ints(1), "batch_size": _ints(1), "mlp_hidden": _ints(1), "val_every": _ints(0),
     "val_steps": _ints(1, 1000), "val_patience": _ints(0), "fits": _ints(1, 100), "n_test": _ints(0),
     "test_draws": _ints(1, 10_000),
-    "guidance": _floats(0.0, 100.0), "lr": _floats(0.0, 1.0, lo_open=True), "weight_decay": _floats(0.0, 10.0),
+    "guidance": _floats(0.0, 100.0), "explain_guidance": _floats(0.0, 100.0, allow_none=True),
+    "lr": _floats(0.0, 1.0, lo_open=True), "weight_decay": _floats(0.0, 10.0),
     "sparsity": _floats(0.0, 1e6), "min_timestep": _floats(0.0, 0.99),
     "exclude_threshold": _floats(-1.0, 1.0, allow_none=True), "null_threshold": _floats(-1.0, 1.0, allow_none=True),
 }

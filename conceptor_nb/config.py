@@ -77,6 +77,8 @@ class Settings:
     fits: int = _f(1, "fits on K disjoint parts of the concept images: K > 1 gives each token error bars (1: the authors')")
     n_test: int = _f(0, "held-out concept images of the significance test of each top token (0: no test)")
     test_draws: int = _f(8, "paired (noise, timestep) draws per held-out image in the significance test")
+    explain_guidance: float | None = _f(None, "guidance of single-image decomposition's renders ('none': the concept "
+                                        "images'); not part of a decomposition's identity")
     autocast: str = _f("off", "precision of the fit's UNet pass (auto: bf16 where the weights are fp32 and the "
                        "hardware computes bf16 natively)", choices=AUTOCAST)
     seed: int = _f(0, "seed of the run: picks the concept images and the fit's randomness")
@@ -149,7 +151,7 @@ SD = Settings(autocast="auto", vocab_precision="auto", n_test=8, test_draws=4)  
 # the toy world (32 px images, a few dozen words that matter); why these values: data/toyworld/README.md
 TOY = Settings(n_train=48, n_val=8, gen_steps=20, guidance=1.5, sampler="dpm", dict_size=100, null_threshold=0.8,
                clip_templates=(TEMPLATE,), n_tokens=10, steps=300, batch_size=6, val_every=50, val_steps=15,
-               min_timestep=0.2, n_test=8, test_draws=8)
+               min_timestep=0.2, n_test=8, test_draws=8, explain_guidance=7.5)
 CI = TOY.replace(n_train=24, n_val=4, gen_steps=12, steps=150, val_every=50, val_steps=10, n_test=4)
 TINY = Settings(n_train=8, n_val=2, gen_steps=4, guidance=3.0, sampler="dpm", dict_size=64, clip_templates=(TEMPLATE,),
                 n_tokens=8, steps=10, batch_size=2, val_every=5, val_steps=3)  # random weights: tests, --model tiny

@@ -42,7 +42,7 @@ class ImageExplanation(Saved):
 
     def plot(self, ax=None, titles: bool = True):
         """One row: the image, the image from the kept tokens, one image per kept token (one axes: a strip)."""
-        panels = [(self.image, "concept image"), (self.kept_image, " + ".join(self.kept) or "(nothing kept)")]
+        panels = [(self.image, "pseudo-token image"), (self.kept_image, " + ".join(self.kept) or "(nothing kept)")]
         panels += list(zip(self.token_images, self.kept))
         if ax is None:
             _, ax = plt.subplots(1, len(panels), figsize=(2 * len(panels), 2.3))
@@ -93,7 +93,8 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     Each pass renders, in one batch, the image without each remaining token (and its near duplicates,
     CLIP text cosine > ``duplicate_threshold``), weakest first, and drops the weakest whose image keeps
     a CLIP image similarity above ``threshold``; it stops when no removal passes. ``clip``: the CLIP that
-    scores similarity (default: the decomposition's, see ``clip_for``).
+    scores similarity (default: the decomposition's, see ``clip_for``). ``guidance``: default the settings'
+    ``explain_guidance``, else the concept images' guidance.
     """
     check_pipe(pipe)
     check_fields(check_decomposition("dec", dec), "dec", pipe)  # of this model, its tokens this model's
@@ -109,8 +110,10 @@ def explain_image(pipe, dec: Decomposition, seed: int, *, clip=None, n_tokens: i
     t0 = time.perf_counter()
     n = min(n_tokens or dec.n_tokens, len(dec.tokens))
     s = dec.settings
-    kw = dict(steps=steps or s.gen_steps, guidance=guidance or s.guidance, sampler=sampler or s.sampler,
-              template=dec.template, verbose=False)
+    if guidance is None:  # the toy profile renders these at a higher guidance than its concept images (docs/method.md)
+        guidance = s.guidance if s.explain_guidance is None else s.explain_guidance
+    kw = dict(steps=steps or s.gen_steps, guidance=guidance, sampler=sampler or s.sampler, template=dec.template,
+              verbose=False)
     tokens = dec.tokens[:n]
     emb = token_embeddings(pipe, dec.token_ids[:n])
     coef = torch.tensor(dec.coefficients[:n], device=emb.device)

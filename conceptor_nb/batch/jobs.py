@@ -98,6 +98,7 @@ def as_jobs(concepts) -> list[Job]:
 def settings_hash(s) -> str:
     """12 hex digits identifying a set of settings (a :class:`Settings` or its ``to_dict()``)."""
     d = (s if isinstance(s, Settings) else Settings.from_dict(s)).to_dict()
+    d.pop("explain_guidance")  # single-image decomposition's renders: not the decomposition's
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 

@@ -211,12 +211,34 @@ def score_decomposition(dec, spec: Spec | str | None, concept: str | None = None
 
 
 def score_frame(decompositions, spec: Spec | str | None = None, k: int = 5) -> pd.DataFrame:
-    """One row per decomposition of a hidden concept: recall@k, Spearman, found and missing constituents."""
+    """One row per decomposition of a hidden concept: recall@k beside its chance level (a random top k of the
+    decomposition's dictionary), Spearman, found and missing constituents."""
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     rows = []
     for d in decompositions:
         sc = score_decomposition(d, spec, k=k)
-        rows.append({"concept": sc.concept, f"recall@{k}": sc.recall_at_k, "spearman": sc.spearman,
+        rows.append({"concept": sc.concept, f"recall@{k}": sc.recall_at_k,
+                     "chance": chance_overlap(k, len(getattr(d, "tokens", [])) or k), "spearman": sc.spearman,
                      "found": ", ".join(sc.found), "missing": ", ".join(sc.missing),
                      "spec": ", ".join(f"{w} {v:g}" for w, v in sc.constituents.items())})
+    return pd.DataFrame(rows)
+
+
+def explanation_frame(explanations, spec: Spec | str | None = None) -> pd.DataFrame:
+    """Single-image explanations (``explain_image``) against the oracle, one row per image: what it shows, the kept
+    tokens, how many were dropped, whether the kept tokens name what it shows (an object of one colour names that
+    colour too: "fish" names blue; no credit when nothing was dropped, which explains nothing), and the chance that
+    as many tokens drawn at random from the explanation's top tokens would name it."""
+    spec = spec if isinstance(spec, Spec) else load_spec(spec)
+    oracle = Oracle(spec)
+    colour = {w: next(iter(o["colours"])) for w, o in spec.objects.items() if len(o["colours"]) == 1}
+    rows = []
+    for e in explanations:
+        seen = oracle.read(e.image).words(spec)
+        names = lambda t: t in seen or colour.get(t) in seen  # noqa: E731
+        top = list(dict.fromkeys(row["token"] for row in e.trace)) or list(e.kept)
+        k, hits, dropped = len(e.kept), sum(map(names, top)), sum(row["dropped"] for row in e.trace)
+        rows.append({"seed": e.seed, "oracle sees": ", ".join(sorted(seen)), "kept": ", ".join(e.kept),
+                     "dropped": dropped, "agree": dropped > 0 and any(map(names, e.kept)),
+                     "chance": 1 - math.comb(len(top) - hits, k) / math.comb(len(top), k) if k <= len(top) else 1.0})
     return pd.DataFrame(rows)
