@@ -152,6 +152,29 @@ def test_mitigation_loop_meets_the_target(tiny_pipe, monkeypatch, tmp_path):
         mitigate_bias(tiny_pipe, d, {"red": ["red"], "blue": ["blue"]}, target={"red": 0.9}, classifier=classify)
 
 
+def test_mitigation_never_returns_a_coefficient_that_breaks_the_concept(tiny_pipe, monkeypatch, tmp_path):
+    """With ``identity``: the stand-in renderer draws 'blue' more often as blue's coefficient grows, but past 1.0
+    it stops drawing the concept; 50% blue needs 2.0, so the target cannot be met while the concept survives."""
+    d = _hand(tiny_pipe.tokenizer, ["red", "circle"], [2.0, 1.0])
+
+    def fake_render(self, pipe, seeds, **kw):
+        c = dict(self.top()).get("blue", 0.0)
+        share, concept = c / (c + 2.0), 1.0 if c < 1.0 else -1.0
+        return torch.tensor([[1.0 if i < share * len(seeds) else 0.0, concept] for i in range(len(seeds))])
+
+    monkeypatch.setattr(Decomposition, "render", fake_render)
+    classify = lambda x: ["blue" if float(v) > 0.5 else "red" for v in x[:, 0]]  # noqa: E731
+    identity = lambda x: float((x[:, 1] > 0).float().mean())  # noqa: E731
+    m = mitigate_bias(tiny_pipe, d, {"red": ["red"], "blue": ["blue"]}, classifier=classify, identity=identity,
+                      n=40, tolerance=0.05)
+    assert any(r["identity"] == 0.0 for r in m.rounds), m.rounds  # the search went past the concept's edge ...
+    assert m.coefficient_after < 1.0 and m.identity_before == m.identity_after == 1.0  # ... and did not keep it
+    assert not m.success and 0 < m.after["blue"] < 0.5 - 0.05
+    assert list(m.to_frame()["value"]) == ["red", "blue", "identity"]
+    m.save(tmp_path)
+    assert Mitigation.load(tmp_path) == m
+
+
 def test_result_plots_take_an_axes(tiny_pipe, tiny_clip, dec):
     import matplotlib
 

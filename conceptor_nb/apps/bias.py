@@ -12,6 +12,7 @@ from typing import Callable
 
 import pandas as pd
 import torch
+from matplotlib.colors import is_color_like
 
 from ..checks import (as_images, bad, check_callable, check_float, check_int, check_pipe, check_seed, check_seeds,
                       check_template, pipeline_resolution)
@@ -118,18 +119,21 @@ class BiasReport(Saved):
                              for v in self.values])
 
     def plot(self, ax=None):
-        """Bars per value: coefficient mass, CLIP image share (with its interval) and, if any, the oracle."""
+        """One group of bars per measure (coefficient mass; images by CLIP, with 95% intervals; images by the oracle,
+        if any), one bar per value: each group is that measure's split over the values."""
         ax = axes(ax, (5, 3))
         f = self.to_frame()
-        kinds = [("coefficient_share", "coefficients"), ("image_share", "images (CLIP)")]
-        kinds += [("oracle_share", "images (oracle)")] if self.oracle_share else []
-        w = 0.8 / len(kinds)
-        for j, (col, label) in enumerate(kinds):
-            err = [f["image_share"] - f["ci_low"], f["ci_high"] - f["image_share"]] if col == "image_share" else None
-            ax.bar([i + (j - (len(kinds) - 1) / 2) * w for i in range(len(f))], f[col], width=w, label=label, yerr=err,
-                   capsize=3, color=f"C{j}")
-        ax.set_xticks(range(len(f)), f["value"])
-        ax.set(ylim=(0, 1), ylabel="share", title=f"{self.concept}: bias")
+        kinds = [("coefficient_share", "coefficient mass\n(top tokens)"), ("image_share", "images\n(CLIP)")]
+        kinds += [("oracle_share", "images\n(oracle)")] if self.oracle_share else []
+        w = 0.8 / len(f)
+        for i, row in f.iterrows():
+            x = [j + (i - (len(f) - 1) / 2) * w for j in range(len(kinds))]
+            ax.bar(x, [row[col] for col, _ in kinds], width=w, label=row["value"],
+                   color=row["value"] if is_color_like(row["value"]) else f"C{i}")
+            ax.errorbar(x[1], row["image_share"], [[row["image_share"] - row["ci_low"]], [row["ci_high"] - row["image_share"]]],
+                        color="k", capsize=3)
+        ax.set_xticks(range(len(kinds)), [label for _, label in kinds])
+        ax.set(ylim=(0, 1), ylabel="share of each measure", title=f"{self.concept}: bias")
         ax.legend(fontsize=8)
         return ax
 
@@ -177,22 +181,31 @@ class Mitigation(Saved):
     coefficient_after: float
     before: dict                     # value -> share in renders of the original decomposition
     after: dict                      # value -> share in renders of the mitigated one
-    rounds: list[dict]               # coefficient tried -> measured shares
-    success: bool
+    rounds: list[dict]               # coefficient tried -> measured shares (and identity)
+    success: bool                    # the target met, and the identity kept when it was measured
     mitigated: Decomposition | None = None  # the rebalanced decomposition (saved in the subfolder mitigated/)
     settings: dict = field(default_factory=dict)
+    identity_before: float | None = None  # share of renders that still show the concept (``identity``), if measured
+    identity_after: float | None = None
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{"value": v, "target": self.target.get(v, float("nan")), "before": self.before[v],
-                              "after": self.after[v]} for v in self.before])
+        """One row per value (its share of the images; target, before, after), and an ``identity`` row when the
+        concept's identity was measured."""
+        nan = float("nan")
+        rows = [{"value": v, "target": self.target.get(v, nan), "before": self.before[v], "after": self.after[v]}
+                for v in self.before]
+        if self.identity_before is not None:
+            rows.append({"value": "identity", "target": nan, "before": self.identity_before, "after": self.identity_after})
+        return pd.DataFrame(rows)
 
     def plot(self, ax=None):
-        """Before/after bars per value, with the target."""
+        """Before/after bars per value (and for the identity, hatched), with the target."""
         ax = axes(ax, (5, 3))
         f = self.to_frame()
         x = range(len(f))
-        ax.bar([i - 0.2 for i in x], f["before"], width=0.4, label="before", color="C7")
-        ax.bar([i + 0.2 for i in x], f["after"], width=0.4, label="after", color="C2")
+        hatch = ["//" if v == "identity" else None for v in f["value"]]
+        ax.bar([i - 0.2 for i in x], f["before"], width=0.4, label="before", color="C7", hatch=hatch)
+        ax.bar([i + 0.2 for i in x], f["after"], width=0.4, label="after", color="C2", hatch=hatch)
         ax.scatter(list(x), f["target"], marker="_", s=600, color="k", label="target", zorder=3)
         ax.set_xticks(list(x), f["value"])
         ax.set(ylim=(0, 1), ylabel="share of images",
@@ -216,13 +229,16 @@ class Mitigation(Saved):
 
 
 def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None = None, *,
-                  classifier: Classifier | None = None, clip=None, seeds=None, n: int = 32, tolerance: float = 0.05,
+                  classifier: Classifier | None = None, identity: Callable[[torch.Tensor], float] | None = None,
+                  identity_tolerance: float = 0.1, clip=None, seeds=None, n: int = 32, tolerance: float = 0.05,
                   max_rounds: int = 8, steps: int | None = None, verbose: bool = False) -> Mitigation:
     """Raise the under-represented value's token until renders meet ``target`` (default: equal shares).
 
     The token is the strongest word of that value in the decomposition, or its first word added to it.
     Each round renders the same ``seeds`` and measures the shares with ``classifier`` (default: CLIP
     zero-shot); the coefficient is found by doubling, then bisection on the measured share.
+    ``identity``: images -> the share that still show the concept (a doctor still a person); a coefficient whose
+    renders lose more than ``identity_tolerance`` of it counts as too high, and is never the result.
     """
     check_pipe(pipe)
     check_fields(check_decomposition("dec", dec), "dec", pipe)
@@ -235,6 +251,8 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
                                              for v in target.values()) or abs(sum(target.values()) - 1) > 1e-6:
         raise bad("target", target, f"a share in [0, 1] for each of {values}, summing to 1")
     check_callable("classifier", classifier)
+    check_callable("identity", identity)
+    identity_tolerance = check_float("identity_tolerance", identity_tolerance, 0.0, 1.0)
     n = check_int("n", n, 1)
     tolerance = check_float("tolerance", tolerance, 0.0, 1.0, lo_open=True)
     max_rounds = check_int("max_rounds", max_rounds, 1, 100)
@@ -245,37 +263,45 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
     t0 = time.perf_counter()
     kw = dict(steps=steps) if steps else {}
 
-    def measure(d: Decomposition) -> dict:
-        return shares(classifier(d.render(pipe, seeds, **kw)), values)
+    def measure(d: Decomposition, c: float) -> dict:
+        images = d.render(pipe, seeds, **kw)
+        row = {"coefficient": c, **shares(classifier(images), values)}
+        return {**row, "identity": float(identity(images))} if identity is not None else row
 
-    before = measure(dec)
+    rounds = [measure(dec, 0.0)]
+    before = {v: rounds[0][v] for v in values}
     under = max(values, key=lambda v: target[v] - before[v])
     present = [(t, c) for t, c in dec.top() if t in attribute[under]]
     token, c0 = present[0] if present else (attribute[under][0], 0.0)
-    rounds = [{"coefficient": c0, **before}]
-    best = (abs(before[under] - target[under]), c0, before)
+    rounds[0]["coefficient"] = c0
+    kept = lambda r: identity is None or r["identity"] >= rounds[0]["identity"] - identity_tolerance  # noqa: E731
+    best = (abs(before[under] - target[under]), rounds[0])
     lo, hi = c0, None
     c = max(c0 * 2, max(dec.coefficients[: dec.n_tokens]) * 0.5)
     for _ in range(max_rounds):
         if best[0] <= tolerance:
             break
-        sh = measure(dec.with_coefficient(token, c, tokenizer=pipe.tokenizer))
-        rounds.append({"coefficient": c, **sh})
+        r = measure(dec.with_coefficient(token, c, tokenizer=pipe.tokenizer), c)
+        rounds.append(r)
         if verbose:
-            print(f"{token} = {c:.4g}: {sh}")
-        gap = sh[under] - target[under]
-        if abs(gap) < best[0]:
-            best = (abs(gap), c, sh)
-        if gap < 0:
+            print(f"{token} = {c:.4g}: {r}")
+        gap = r[under] - target[under]
+        if kept(r) and abs(gap) < best[0]:
+            best = (abs(gap), r)
+        if gap < 0 and kept(r):
             lo = c
             c = c * 2 if hi is None else (lo + hi) / 2
-        else:
+        else:  # past the target, or so far that the renders stop showing the concept
             hi = c
             c = (lo + hi) / 2
-    _, c_best, after = best
+    gap, chosen = best
+    c_best = chosen["coefficient"]
     return Mitigation(
         concept=dec.concept, target=target, token=token, coefficient_before=c0, coefficient_after=c_best,
-        before=before, after=after, rounds=rounds, success=best[0] <= tolerance,
+        before=before, after={v: chosen[v] for v in values}, rounds=rounds, success=gap <= tolerance,
         mitigated=dec.with_coefficient(token, c_best, tokenizer=pipe.tokenizer) if c_best != c0 else dec,
-        settings={"attribute": attribute, "seeds": seeds, "tolerance": tolerance, "seconds": time.perf_counter() - t0},
+        settings={"attribute": attribute, "seeds": seeds, "tolerance": tolerance,
+                  "identity_tolerance": identity_tolerance if identity is not None else None,
+                  "seconds": time.perf_counter() - t0},
+        identity_before=rounds[0].get("identity"), identity_after=chosen.get("identity"),
     )

@@ -4,8 +4,9 @@ says what each hidden concept is made of, and the pixel oracle reads the colour 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..config import profile_name
+from ..config import data_dir, profile_name
 from .oracle import Oracle
 from .spec import Spec, load_spec
 
@@ -45,6 +46,11 @@ def examples(profile: str | None = None) -> Examples:
     return SD if (profile or profile_name()) == "sd" else TOY
 
 
+def shipped_lora() -> Path:
+    """The toy world's LoRA that draws doctors red (``scripts/toyworld_lora.py`` made it)."""
+    return data_dir() / "toyworld" / "doctor_red_lora.safetensors"
+
+
 def toy_spec() -> Spec:
     """The shipped toy world's spec."""
     return load_spec(None)
@@ -69,5 +75,21 @@ def colour_share(colour: str):
     def share(images) -> float:
         labels = classify(images)
         return sum(lab == colour for lab in labels) / max(1, len(labels))
+
+    return share
+
+
+def identity_share(concept: str):
+    """images -> the share the oracle reads as one of ``concept``'s glyphs (a doctor's person, a leaf's triangle): does
+    an edit keep what the concept is? (a ``measure`` for :func:`conceptor_nb.sweep`, an ``identity`` for
+    :func:`conceptor_nb.mitigate_bias`)."""
+    spec = toy_spec()
+    if concept not in spec.concepts:
+        raise KeyError(f"{concept!r} is not a concept of the toy world; concepts: {spec.concept_words}")
+    glyphs, oracle = {c.glyph for c in spec.concepts[concept].components}, Oracle(spec)
+
+    def share(images) -> float:
+        readings = oracle(images)
+        return sum(r.glyph in glyphs for r in readings) / max(1, len(readings))
 
     return share
