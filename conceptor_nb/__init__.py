@@ -11,7 +11,8 @@ One call per stage::
 from .apps.bias import BiasReport, Mitigation, detect_bias, mitigate_bias
 from .apps.explain import ImageExplanation, explain_image
 from .apps.manipulate import Panel, Sweep, panel, set_coefficient, sweep
-from .batch import build_report, decompose_many, load_decompositions, load_runs, read_log, token_matrix
+from .batch import (build_report, decompose_many, load_decompositions, load_runs, read_log, settings_hash,
+                    token_matrix)
 from .clip import load_clip
 from .config import Profile, Settings, cache_dir, figures_dir, profile, settings
 from .errors import (CacheError, ConceptorError, FitDivergedError, InvalidInputError, ModelNotFoundError,
@@ -19,11 +20,12 @@ from .errors import (CacheError, ConceptorError, FitDivergedError, InvalidInputE
 from .method.decompose import decompose
 from .method.decomposition import Decomposition, decomposition_table
 from .method.dictionary import Dictionary, build_dictionary
-from .method.generate import concept_images, generate
+from .method.generate import SCHEDULERS, concept_images, generate
 from .method.inject import pseudo_token
 from .method.transfer import Comparison, compare, load_embedding
 from .models import Setup, load_pipeline, setup
-from .viz import coefficient_bars, image_grid, save_figure, show_images, word_picture
+from .io import save_figure
+from .viz import coefficient_bars, image_grid, show_images, word_picture
 
 __version__ = "0.1.0"
 __all__ = [name for name in dir() if not name.startswith("_") and name not in ("apps", "batch", "clip", "config",

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import cache_dir
+from .config import cache_dir, figures_dir, profile_name
 from .errors import CacheError, InvalidInputError, OutputError, ResultNotFoundError
 from .viz import image_grid
 
@@ -224,3 +224,15 @@ def rescue(dec, out, err: Exception) -> str:
 def is_complete(out) -> bool:
     """Every file of a run folder is there."""
     return all((Path(out) / f).exists() for f in RUN_FILES)
+
+
+def save_figure(fig, name: str, dpi: int = 120, data: dict | None = None):
+    """Save ``fig`` as ``<figures_dir>/<name>.png`` (see ``config.figures_dir``), and ``data`` (what the figure
+    shows, for tests to compare with a fresh run) as ``<name>.json`` beside it; returns the PNG's path."""
+    folder = figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    if data is not None:
+        atomic_write(folder / f"{name}.json", dumps({"profile": profile_name(), **data}, indent=1))
+    return path

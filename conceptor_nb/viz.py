@@ -9,7 +9,6 @@ from matplotlib.colors import is_color_like
 import torch
 from PIL import Image
 
-from .config import figures_dir
 
 
 def axes(ax=None, figsize=(6, 3)):
@@ -84,12 +83,3 @@ def word_picture(dec, k: int = 8, ax=None, min_size: float = 9, max_size: float 
     ax.set_axis_off()
     ax.set_title(f'"{dec.concept}"' + (" (grey: not supported)" if False in ok[:n] else ""))
     return ax
-
-
-def save_figure(fig, name: str, dpi: int = 120):
-    """Save ``fig`` as ``<figures_dir>/<name>.png`` (see ``config.figures_dir``); returns the path."""
-    folder = figures_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path

@@ -19,7 +19,7 @@ from ..config import TEMPLATE, Settings
 from ..errors import InvalidInputError, ResultNotFoundError
 from ..io import dumps, read_json, write_files
 from ..loading import model_name
-from ..viz import coefficient_bars
+from ..viz import axes, coefficient_bars
 from .dictionary import token_text
 from .fit import combine
 from .generate import concept_images, generate, image_seeds
@@ -164,6 +164,26 @@ class Decomposition:
         """Bar chart of the top-k coefficients, with the spread across fits as error bars; tokens the
         significance test does not support are grey."""
         return coefficient_bars(self, k=k, ax=ax, color=color)
+
+    def plot_history(self, ax=None, smooth: int = 20):
+        """The fit's diffusion loss per step (a moving mean over ``smooth`` steps; several fits: one line each) and,
+        on the right axis, the validation score (CLIP similarity of the renders), the kept step marked."""
+        ax = axes(ax, (6, 3))
+        for j, h in enumerate(self.history.get("fits") or [self.history]):
+            loss = torch.tensor(h.get("reconstruction") or [math.nan])
+            w = max(1, min(smooth, len(loss)))
+            ax.plot(range(w, len(loss) + 1), loss.unfold(0, w, 1).mean(1), color=f"C{j}", lw=1,
+                    label="diffusion loss" if j == 0 else None)
+        ax.set(xlabel="fit step", ylabel=f"diffusion loss (mean of {smooth} steps)", title=f"{self.concept}: the fit")
+        val = self.history.get("validation") or []
+        if val:
+            right = ax.twinx()
+            right.plot([v["step"] for v in val], [v["score"] for v in val], "o-", color="k", ms=3, lw=1)
+            right.set_ylabel("validation score (CLIP)")
+        if self.history.get("best_step") is not None:
+            ax.axvline(self.history["best_step"], color="k", ls=":", lw=1, label="kept step")
+        ax.legend(fontsize=8, loc="upper right")
+        return ax
 
     def vector(self, pipe, n_tokens: int | None = None, *, rescale: bool = True) -> torch.Tensor:
         """The pseudo-token of the top ``n_tokens`` (default ``self.n_tokens``; 0 or negative: all)."""

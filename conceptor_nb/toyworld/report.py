@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..config import data_dir
@@ -21,7 +22,7 @@ from .metrics import (chance_overlap, constituent_shares, drawn_constituents, im
                       score_decomposition, toy_settings, top_overlap)
 from .oracle import Oracle
 from .render import render_word
-from .spec import Spec
+from .spec import Spec, load_spec
 
 README_BEGIN, README_END = "<!-- evaluate --decompose: begin -->", "<!-- evaluate --decompose: end -->"
 
@@ -204,6 +205,22 @@ def summarise(runs: dict, k: int = 5, top: int = 10) -> dict:
         f"stability_top{k}": stab_k, f"stability_top{k}_mean": float(np.nanmean(list(stab_k.values()))),
         f"chance_top{top}_mean": float(np.mean(list(chance.values()))), **evidence_summary(runs),
     }
+
+
+def report_headline(rep: dict, spec: Spec | None = None) -> pd.DataFrame:
+    """The report's main numbers, each beside what a ranking drawn at random from the dictionary would give."""
+    spec, s = spec or load_spec(None), rep["summary"]
+    rows = [r for rs in rep["runs"].values() for r in rs]
+    size = float(np.mean([r["dictionary_size"] for r in rows]))
+    share = lambda n: float(np.mean([n(r) / r["dictionary_size"] for r in rows]))  # noqa: E731
+    cons = share(lambda r: len(spec.concepts[r["concept"]].constituents))
+    return pd.DataFrame([
+        ("recall@5 of the spec's constituents", s["recall@5_spec_mean"], min(1.0, 5 / size)),
+        ("recall@5 of the constituents the model draws", s["recall@5_drawn_mean"], min(1.0, 5 / size)),
+        ("R-precision: the top r are the r constituents", s.get("r_precision"), cons),
+        ("top-10 overlap of runs on disjoint images", s["stability_top10_mean"], s["chance_top10_mean"]),
+        ("supported tokens that are drawn constituents", s.get("supported_precision"), share(lambda r: len(r["drawn"]))),
+    ], columns=["measure", "value", "chance"]).round(2)
 
 
 # --------------------------------------------------------------------------- Markdown
