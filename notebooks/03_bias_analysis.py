@@ -13,7 +13,7 @@
 # %% [markdown]
 # # 03 · Bias: detect it in the decomposition, measure it in the images, mitigate it
 #
-# A decomposition shows which words carry a concept. When those words belong to one value of an
+# **What this teaches:** a decomposition shows which words carry a concept. When those words belong to one value of an
 # attribute (a profession decomposed into mostly male words, say), the concept is biased, and the
 # coefficients say by how much. We measure the bias two ways, side by side:
 #
@@ -24,7 +24,8 @@
 # In the toy world, "doctor" is drawn as a person, 80% blue and 20% red, and a pixel oracle that
 # reads colours gives a third, ground-truth measurement. Then we **mitigate**: raise the
 # under-represented value's token in the decomposition, render, measure, and adjust
-# (doubling, then bisection) until the rendered share meets the target.
+# (doubling, then bisection) until the rendered share meets the target, while checking that the images still
+# show the concept (a doctor must stay a person, whatever its colour).
 
 # %%
 from IPython.display import display
@@ -32,7 +33,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import conceptor_nb as cn
-from conceptor_nb.toyworld import colour_oracle, examples
+from conceptor_nb.toyworld import colour_oracle, examples, identity_share
 
 ex = examples()
 setup = cn.setup()  # the active profile's model, CLIP and settings
@@ -54,17 +55,28 @@ report.plot(ax=axes[1])
 cn.save_figure(fig, f"03_{ex.bias_concept}_bias")
 
 # %% [markdown]
-# **What to look at:** do the coefficients and the images agree on the majority value? The
-# image shares need not sum to one: in the toy world an image can be neither blue nor red.
+# **What to look at:** do the coefficients and the images agree on the majority value? Each group of bars is one
+# measure split over the values: the coefficient mass of the top tokens, and the images as CLIP and as the
+# oracle read them. An image can be neither blue nor red, so the image shares count only the images that are one of
+# the two.
 
 # %% [markdown]
 # ## Mitigate
 # The target is an equal share for each value. The calibration renders the same seeds after each
 # change, so the before/after difference comes from the coefficient alone. In the toy world the
 # oracle measures; on Stable Diffusion, the CLIP zero-shot classifier does.
+#
+# A colour share alone can be met by breaking the concept: raise "red" far enough and the renders become red
+# blocks and triangles, not red persons. So on the toy world each round also measures the **identity**, the share
+# of renders the oracle still reads as a person; a coefficient that loses more than 0.1 of it counts as too high.
+# The `identity` row of the table says what survived. (On Stable Diffusion, pass your own `identity`: images ->
+# share, e.g. a CLIP zero-shot check that the images still show a nurse.)
 
 # %%
-mitigation = cn.mitigate_bias(pipe, dec, attribute, classifier=oracle, clip=clip, n=32, tolerance=0.05)
+identity = identity_share(ex.bias_concept) if ex.ground_truth else None
+mitigation = cn.mitigate_bias(pipe, dec, attribute, classifier=oracle, identity=identity, clip=clip, n=32,
+                              tolerance=0.05)
+print("target met:", mitigation.success)
 display(mitigation.to_frame())
 display(pd.DataFrame(mitigation.rounds))
 fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -79,16 +91,18 @@ cn.show_images(mitigation.mitigated.render(pipe, seeds), ax=axes[1], nrow=8,
             title=f"after: {mitigation.token} = {mitigation.coefficient_after:.3g}")
 cn.save_figure(fig, f"03_{ex.bias_concept}_before_after")
 
-# %%
-if ex.ground_truth:  # the spec's majority (blue) is found both ways, and mitigation meets its target
-    assert report.coefficient_share["blue"] > report.coefficient_share["red"], report.to_frame()
-    assert report.oracle_share["blue"] > report.oracle_share["red"], report.to_frame()
-    assert report.majority == "blue", report.to_frame()
-    assert abs(mitigation.after["red"] - mitigation.target["red"]) <= 0.10, mitigation.to_frame()
-assert mitigation.before != mitigation.after or mitigation.success
-
 # %% [markdown]
 # ## Try next
 # * Another target: `cn.mitigate_bias(pipe, dec, attribute, target={"blue": 0.3, "red": 0.7}, classifier=oracle)`.
 # * More images for a tighter interval: `cn.detect_bias(pipe, dec, attribute, n=64)`.
 # * On Stable Diffusion (`CONCEPTOR_PROFILE=sd`) the example is "a nurse" with gendered word lists.
+
+# %%
+# checks (nbval runs this notebook as a test)
+if ex.ground_truth:  # the spec's majority (blue) is found both ways, and mitigation moves red towards its target
+    assert report.coefficient_share["blue"] > report.coefficient_share["red"], report.to_frame()
+    assert report.oracle_share["blue"] > report.oracle_share["red"], report.to_frame()
+    assert report.majority == "blue", report.to_frame()
+    assert mitigation.after["red"] > mitigation.before["red"], mitigation.to_frame()
+    assert mitigation.identity_after >= mitigation.identity_before - 0.1, mitigation.to_frame()
+assert mitigation.before != mitigation.after or mitigation.success

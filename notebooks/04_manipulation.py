@@ -13,7 +13,7 @@
 # %% [markdown]
 # # 04 · Manipulation: edit the explanation, change the images
 #
-# A decomposition is a recipe: the pseudo-token is $\sum_i \alpha_i w_i$. Change one coefficient
+# **What this teaches:** a decomposition is a recipe: the pseudo-token is $\sum_i \alpha_i w_i$. Change one coefficient
 # and render with the same seeds, and you see what that word contributes (the paper: a sculpture
 # made more or less "abstract", a president more or less "trump"). Three tools:
 #
@@ -28,7 +28,7 @@ from IPython.display import display
 import matplotlib.pyplot as plt
 
 import conceptor_nb as cn
-from conceptor_nb.toyworld import colour_share, examples
+from conceptor_nb.toyworld import colour_share, examples, identity_share
 
 ex = examples()
 setup = cn.setup()  # the active profile's model, CLIP and settings
@@ -44,7 +44,7 @@ display(dec.to_frame(8))
 top_token = dec.tokens[0]
 seeds = dec.seeds(8)
 fig, axes = plt.subplots(2, 1, figsize=(8, 2.6))
-cn.show_images(dec.render(pipe, seeds), ax=axes[0], nrow=8, title=f'"{dec.concept}"')
+cn.show_images(dec.render(pipe, seeds), ax=axes[0], nrow=8, title=f'the pseudo-token of "{dec.concept}"')
 cn.show_images(dec.with_coefficient(top_token, 0.0).render(pipe, seeds), ax=axes[1], nrow=8,
             title=f"without '{top_token}'")
 cn.save_figure(fig, f"04_{ex.manip_concept}_remove_top")
@@ -53,29 +53,23 @@ cn.save_figure(fig, f"04_{ex.manip_concept}_remove_top")
 # ## Sweep one coefficient
 # Each column is one value of the coefficient of `ex.manip_token`, each row one seed. The values
 # are multiples of the decomposition's total top-token mass (0 = absent, 1 = as heavy as all the
-# other tokens together). In the toy world the pixel oracle measures the share of images in that
-# colour at each value.
+# other tokens together). In the toy world the pixel oracle measures, at each value, the share of images in that
+# colour and the share that still show a leaf's shape (a triangle): an edit can reach its colour by drawing
+# something that is no longer a leaf, and the second line says when it does.
 
 # %%
 mass = sum(c for _, c in dec.top())
 values = [v * mass for v in ex.manip_values]
-measure = {f"{ex.manip_token} share": colour_share(ex.manip_token)} if ex.ground_truth else None
+measure = ({f"{ex.manip_token} share": colour_share(ex.manip_token),
+            f"still a {ex.manip_concept}": identity_share(ex.manip_concept)} if ex.ground_truth else None)
 sw = cn.sweep(pipe, dec, ex.manip_token, values, seeds=range(16), measure=measure)
 display(sw.to_frame())
 fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.3, 1]})
 sw.plot(ax=axes[0], n_seeds=6)
 if measure:
-    sw.to_frame().plot(x="value", y=list(measure), marker="o", ax=axes[1], legend=False)
-    axes[1].set_ylabel(list(measure)[0])
-    axes[1].set_ylim(0, 1)
+    sw.to_frame().plot(x="value", y=list(measure), marker="o", ax=axes[1])
+    axes[1].set(ylabel="share of the 16 images", xlabel=f"coefficient of '{ex.manip_token}'", ylim=(0, 1))
 cn.save_figure(fig, f"04_{ex.manip_concept}_sweep_{ex.manip_token}")
-
-# %%
-if ex.ground_truth:  # raising the colour's coefficient raises the oracle's share of that colour
-    share = sw.scores[f"{ex.manip_token} share"]
-    assert all(b >= a - 1 / 16 for a, b in zip(share, share[1:])), share  # monotone, up to one image of 16
-    assert share[-1] - share[0] >= 0.25, share
-assert sw.images.shape[:2] == (len(ex.manip_values), 16)
 
 # %% [markdown]
 # ## The slider panel
@@ -86,14 +80,20 @@ assert sw.images.shape[:2] == (len(ex.manip_values), 16)
 p = cn.panel(pipe, dec, k=6, seeds=(0, 1, 2, 3))
 p
 
-# %%
-before = p.image.value
-p.debounce = 0             # re-render at once: a script has no event loop to wait in
-p.sliders[0].value = 0.0   # what a user does with the mouse
-assert p.current().top(1)[0][0] != top_token and p.image.value != before
-
 # %% [markdown]
 # ## Try next
 # * Add a token the decomposition does not have: `dec.with_coefficient("purple", 0.2, tokenizer=pipe.tokenizer)`.
 # * Sweep a shape word: `cn.sweep(pipe, dec, "circle", [0, 0.2, 0.5], seeds=range(8))`.
 # * On Stable Diffusion the example is the paper's "a sculpture" with "abstract".
+
+# %%
+# checks (nbval runs this notebook as a test)
+if ex.ground_truth:  # raising the colour's coefficient raises the oracle's share of that colour
+    share = sw.scores[f"{ex.manip_token} share"]
+    assert all(b >= a - 1 / 16 for a, b in zip(share, share[1:])), share  # monotone, up to one image of 16
+    assert share[-1] - share[0] >= 0.25, share
+assert sw.images.shape[:2] == (len(ex.manip_values), 16)
+before = p.image.value
+p.debounce = 0             # re-render at once: a script has no event loop to wait in
+p.sliders[0].value = 0.0   # what a user does with the mouse
+assert p.current().top(1)[0][0] != top_token and p.image.value != before

@@ -17,7 +17,7 @@
 # %% [markdown]
 # # 05 · Many concepts
 #
-# **Question:** decompose a whole list of concepts, look at them side by side, and see which
+# **What this teaches:** decompose a whole list of concepts, look at them side by side, and see which
 # concepts the model builds from the same words.
 #
 # `cn.decompose_many(pipe, concepts, out=...)` runs `decompose` for every concept and writes each one
@@ -40,7 +40,6 @@ import seaborn as sns
 from IPython.display import display
 
 import conceptor_nb as cn
-from conceptor_nb.batch import settings_hash
 from conceptor_nb.toyworld import examples, score_decomposition, toy_spec
 
 ex = examples()
@@ -52,7 +51,7 @@ if ex.ground_truth:
     concepts = [f"a {c}" for c in spec.concept_words]
 else:
     concepts = [f"a {c}" for c in ex.concepts]
-out = cn.cache_dir() / "batch" / f"{setup.profile.name}-{settings_hash(s)}"  # one folder per set of settings
+out = cn.cache_dir() / "batch" / f"{setup.profile.name}-{cn.settings_hash(s)}"  # one folder per set of settings
 concepts
 
 # %% [markdown]
@@ -72,10 +71,9 @@ display(summary[cols].round(3))
 # %%
 starts = sum(e["event"] == "start" for e in cn.read_log(out))
 again = cn.decompose_many(pipe, concepts, out, clip=clip, verbose=False)
-assert sum(e["event"] == "start" for e in cn.read_log(out)) == starts, "a finished concept was decomposed again"
+restarted = sum(e["event"] == "start" for e in cn.read_log(out)) - starts
 back = cn.load_runs(out)
-assert list(back["concept"]) == concepts and (back["status"] == "done").all()
-assert list(back["token_1"]) == list(summary["token_1"])
+print(f"concepts started again: {restarted}; read back: {len(back)} concepts, {(back['status'] == 'done').sum()} done")
 
 # %% [markdown]
 # ## Concepts x tokens
@@ -108,13 +106,6 @@ shared = pd.DataFrame([{"token": t, "concepts": ", ".join(cs), "n": len(cs)} for
 shared = shared.sort_values(["n", "token"], ascending=[False, True]).reset_index(drop=True) if len(shared) else shared
 display(shared)
 
-# %%
-# every concept's heatmap row peaks at its own strongest token
-for c, d in decs.items():
-    row = matrix.loc[c]
-    assert row.idxmax() == d.tokens[0] or row.max() == row[d.tokens[0]], c
-    assert (row >= 0).all()
-
 # %% [markdown]
 # ## Against the spec (toy world only)
 # The share of each concept's constituents (from the spec) found in its top 10.
@@ -124,7 +115,6 @@ if ex.ground_truth:
     scores = pd.DataFrame([{"concept": c, "found": ", ".join(sc.found), "missing": ", ".join(sc.missing), "recall@10": sc.recall_at_k}
                            for c, d in decs.items() for sc in [score_decomposition(d, spec, k=10)]])
     display(scores)
-    assert scores["recall@10"].mean() >= 0.5, scores
 
 # %% [markdown]
 # ## The gallery
@@ -135,4 +125,22 @@ if ex.ground_truth:
 # %%
 page = cn.build_report(out)
 print(page)
+
+# %% [markdown]
+# ## Try next
+# * Your own list: a text file with one concept a line, `conceptor batch my_concepts.txt --out runs/`.
+# * Other settings per concept: a CSV with a `concept` column and one column per setting (docs/batch.md).
+# * Open the gallery in a browser: `page` above is one self-contained HTML file.
+
+# %%
+# checks (nbval runs this notebook as a test)
+assert restarted == 0, "a finished concept was decomposed again"
+assert list(back["concept"]) == concepts and (back["status"] == "done").all(), back
+assert list(back["token_1"]) == list(summary["token_1"])
+for c, d in decs.items():  # every concept's heatmap row peaks at its own strongest token
+    row = matrix.loc[c]
+    assert row.idxmax() == d.tokens[0] or row.max() == row[d.tokens[0]], c
+    assert (row >= 0).all()
+if ex.ground_truth:
+    assert scores["recall@10"].mean() >= 0.5, scores
 assert page.exists() and all(f'data-concept="{c}"' in page.read_text() for c in concepts)

@@ -13,7 +13,7 @@
 # %% [markdown]
 # # 06 · Comparing models: what did a LoRA change about a concept?
 #
-# **Question:** you fine-tuned a model, or loaded a LoRA from a model-sharing site. What did it change about
+# **What this teaches:** you fine-tuned a model, or loaded a LoRA from a model-sharing site. What did it change about
 # *a doctor*?
 #
 # This notebook teaches three things:
@@ -45,16 +45,13 @@ import torch
 from IPython.display import display
 
 import conceptor_nb as cn
-from conceptor_nb.config import data_dir, resolve
-from conceptor_nb.method.generate import SCHEDULERS
-from conceptor_nb.toyworld import colour_oracle, examples
+from conceptor_nb.toyworld import colour_oracle, examples, shipped_lora
 
 ex = examples()
 setup = cn.setup()  # the active profile's model, CLIP and settings
 pipe, clip, s = setup.pipe, setup.clip, setup.settings
-model = resolve()[1]
-LORA = os.environ.get("CONCEPTOR_LORA") or (data_dir() / "toyworld" / "doctor_red_lora.safetensors"
-                                            if ex.ground_truth else None)
+model = setup.profile.model
+LORA = os.environ.get("CONCEPTOR_LORA") or (shipped_lora() if ex.ground_truth else None)
 concept = "a doctor" if ex.ground_truth else f"a {ex.bias_concept}"
 print("LoRA:", LORA or "none: two concepts on one model instead")
 
@@ -131,7 +128,7 @@ path = dec_base.save_embedding(out, pipe, token="<doctor>")
 plain = copy.deepcopy(pipe)  # stands for any diffusers pipeline of this model; the session's stays untouched
 plain.load_textual_inversion(str(path))
 if s.sampler:
-    plain.scheduler = SCHEDULERS[s.sampler].from_config(plain.scheduler.config)
+    plain.scheduler = cn.SCHEDULERS[s.sampler].from_config(plain.scheduler.config)
 seeds = dec_base.seeds(4)
 prompt = s.template.format("<doctor>")
 plain_images = plain([prompt] * len(seeds), num_inference_steps=s.gen_steps, guidance_scale=s.guidance,
