@@ -105,17 +105,26 @@ def _use_home(mp, home):
     mp.delenv("HF_HUB_CACHE", raising=False)
 
 
-@pytest.fixture
-def offline_home(hub, monkeypatch):
-    """``offline_home(*repos)``: builds the repos into the session's fake hub and points HF_HOME at it
-    (offline) for this test; returns the folder."""
-
+def _offline(hub, monkeypatch):
     def use(*repos):
         home = hub.get(*repos)
         _use_home(monkeypatch, home)
         return home
 
     return use
+
+
+@pytest.fixture
+def offline_home(hub, monkeypatch):
+    """``offline_home(*repos)``: builds the repos into the session's fake hub and points HF_HOME at it
+    (offline) for this test; returns the folder."""
+    return _offline(hub, monkeypatch)
+
+
+@pytest.fixture
+def small_offline_home(small_hub, monkeypatch):
+    """``offline_home`` over ``small_hub`` (128 px images): for behaviour that does not depend on the image size."""
+    return _offline(small_hub, monkeypatch)
 
 
 @pytest.fixture

@@ -407,8 +407,8 @@ def _cli(home, repo, out, cache):
     pytest.param(fakehub.SD21, marks=pytest.mark.slow),
     pytest.param(fakehub.SDXL, marks=pytest.mark.slow),
 ])
-def test_cli_decompose_runs_offline_on_the_fake_cache(hub, tmp_path, repo):
-    home = hub.get(repo, fakehub.CLIP_B32)
+def test_cli_decompose_runs_offline_on_the_fake_cache(small_hub, tmp_path, repo):
+    home = small_hub.get(repo, fakehub.CLIP_B32)  # 128 px images: the command line is tested here, not the shapes
     cache = tmp_path / "cache"
     # the vocabulary embedding of 27 templates is what takes time on a CPU: seed its cache with one template's
     _seed_vocab_cache(home, cache)
@@ -446,10 +446,10 @@ def _seed_vocab_cache(home, cache):
     pytest.param(fakehub.SD21, marks=pytest.mark.slow),
     pytest.param(fakehub.SDXL, marks=pytest.mark.slow),
 ])
-def test_every_application_runs_on_a_stable_diffusion_cache(offline_home, tmp_path, repo):
+def test_every_application_runs_on_a_stable_diffusion_cache(small_offline_home, tmp_path, repo):
     from conceptor_nb import decompose, detect_bias, explain_image, mitigate_bias, panel, sweep
 
-    offline_home(repo, fakehub.CLIP_B32)
+    small_offline_home(repo, fakehub.CLIP_B32)  # 128 px images (test_full_shape_* check the real shapes)
     pipe = load_pipeline(repo, device="cpu")
     clip = load_clip(fakehub.CLIP_B32, device="cpu")
     s = settings("sd").replace(**SMALL)
