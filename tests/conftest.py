@@ -137,11 +137,10 @@ def fake_hub(offline_home):
 # sizes that run in seconds per backend on a CPU; 4 fit steps with a validation (and a checkpoint) at step 2
 CONTRACT_SIZES = dict(n_train=2, n_val=1, gen_steps=1, dict_size=12, n_tokens=3, steps=4, batch_size=1,
                       val_every=2, val_steps=1)
-# name: (model, CLIP, profile, concept, image size in pixels); the fake SD pipelines come from small_hub (SD 1.5
-# stays at 512 px: diffusers sets the sample_size of an SD 1.x UNet config older than diffusers 0.9 to 64)
+# name: (model, CLIP, profile, concept, image size in pixels); the fake SD pipelines come from small_hub (128 px)
 BACKENDS = {
     "tiny": ("tiny", "tiny", "tiny", "a dog", 32),
-    "sd15": (fakehub.SD15, fakehub.CLIP_B32, "sd", "a president", 512),
+    "sd15": (fakehub.SD15, fakehub.CLIP_B32, "sd", "a president", 128),
     "sd21v": (fakehub.SD21, fakehub.CLIP_B32, "sd", "a president", 128),
     "sdxl": (fakehub.SDXL, fakehub.CLIP_B32, "sd", "a president", 128),
     "toy": ("toy", "toy", "ci", "a fruit", 32),

@@ -121,6 +121,10 @@ def _text_encoder(name: str, src: Path, dst: Path, shrink: bool, variants) -> di
     return cfg
 
 
+def _version(v: str) -> tuple:
+    return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+
+
 def _pipeline(repo: str, snap: Path, shrink: bool, variants, sample_size: int | None = None) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -144,6 +148,8 @@ def _pipeline(repo: str, snap: Path, shrink: bool, variants, sample_size: int | 
         cfg.update(_shrunk_unet(cfg, text_width, pooled))
     if sample_size is not None:  # smaller images than the real repo's (behaviour tests, not shape tests)
         cfg["sample_size"] = sample_size
+        # diffusers raises the sample_size of an SD 1.x config written before diffusers 0.9 to 64: say it is newer
+        cfg["_diffusers_version"] = max(cfg.get("_diffusers_version", "0.9.0"), "0.9.0", key=_version)
     unet = UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     _save(unet, snap / "unet", cfg, variants)
     cfg = _json(src / "vae" / "config.json")
@@ -193,8 +199,8 @@ def build(hf_home, repos=ALL, *, shrink: bool = True, variants=("fp32", "fp16"),
 
     ``variants``: which weight files to write where the real repo has them: "fp32"
     (``model.safetensors``) and/or "fp16" (``model.fp16.safetensors``). ``sample_size``: the UNet's
-    latent size instead of the real one (16: 128 px images, as diffusers' own pipeline tests do; SD 1.5's
-    loads as 64 all the same: diffusers raises an SD 1.x config's sample_size under 64 to 64).
+    latent size instead of the real one (16: 128 px images, as diffusers' own pipeline tests do; an SD 1.x
+    config is then marked as written by diffusers 0.9, else diffusers raises its sample_size to 64).
     """
     torch.manual_seed(seed)
     for repo in ([repos] if isinstance(repos, str) else repos):

@@ -93,7 +93,7 @@ def test_render_is_an_image_per_seed_and_the_same_for_the_same_seeds(backend, de
     alone = decomposition.render(pipe, seeds=[1])
     diff = float((alone[0] - a[1]).abs().max())
     # a seed's image does not depend on the rest of the batch (up to float noise of batch-size-dependent
-    # kernels, 1e-4 at 512 px: below half an 8-bit level)
+    # kernels, measured 1e-4 at 512 px: below half an 8-bit level)
     assert diff < 0.5 / 255, diff
     # the explanation is the top n_tokens: a pseudo-token of every dictionary token draws another image
     assert not torch.equal(decomposition.render(pipe, seeds=[1], n_tokens=len(decomposition.tokens)), alone)
