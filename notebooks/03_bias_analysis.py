@@ -105,4 +105,4 @@ if ex.ground_truth:  # the spec's majority (blue) is found both ways, and mitiga
     assert report.majority == "blue", report.to_frame()
     assert mitigation.after["red"] > mitigation.before["red"], mitigation.to_frame()
     assert mitigation.identity_after >= mitigation.identity_before - 0.1, mitigation.to_frame()
-assert mitigation.before != mitigation.after or mitigation.success
+assert mitigation.before != mitigation.after or mitigation.success, mitigation.to_frame()

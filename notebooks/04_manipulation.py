@@ -92,8 +92,8 @@ if ex.ground_truth:  # raising the colour's coefficient raises the oracle's shar
     share = sw.scores[f"{ex.manip_token} share"]
     assert all(b >= a - 1 / 16 for a, b in zip(share, share[1:])), share  # monotone, up to one image of 16
     assert share[-1] - share[0] >= 0.25, share
-assert sw.images.shape[:2] == (len(ex.manip_values), 16)
+assert sw.images.shape[:2] == (len(ex.manip_values), 16), sw.images.shape
 before = p.image.value
 p.debounce = 0             # re-render at once: a script has no event loop to wait in
 p.sliders[0].value = 0.0   # what a user does with the mouse
-assert p.current().top(1)[0][0] != top_token and p.image.value != before
+assert p.current().top(1)[0][0] != top_token and p.image.value != before, "the slider did not re-render the panel"

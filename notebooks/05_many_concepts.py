@@ -136,11 +136,11 @@ print(page)
 # checks (nbval runs this notebook as a test)
 assert restarted == 0, "a finished concept was decomposed again"
 assert list(back["concept"]) == concepts and (back["status"] == "done").all(), back
-assert list(back["token_1"]) == list(summary["token_1"])
+assert list(back["token_1"]) == list(summary["token_1"]), (back, summary)
 for c, d in decs.items():  # every concept's heatmap row peaks at its own strongest token
     row = matrix.loc[c]
-    assert row.idxmax() == d.tokens[0] or row.max() == row[d.tokens[0]], c
-    assert (row >= 0).all()
+    assert row.idxmax() == d.tokens[0] or row.max() == row[d.tokens[0]], (c, row.sort_values().tail(3))
+    assert (row >= 0).all(), (c, row[row < 0])
 if ex.ground_truth:
     assert scores["recall@10"].mean() >= 0.5, scores
-assert page.exists() and all(f'data-concept="{c}"' in page.read_text() for c in concepts)
+assert page.exists() and all(f'data-concept="{c}"' in page.read_text() for c in concepts), f"the gallery {page} misses a concept"

@@ -153,7 +153,7 @@ print("largest pixel difference:", (plain_images - renders.cpu()).abs().max().it
 
 # %%
 # checks
-assert list(table["diff"]) == sorted(table["diff"], reverse=True) and len(table) >= max(dec_base.n_tokens, 1)
+assert list(table["diff"]) == sorted(table["diff"], reverse=True) and len(table) >= max(dec_base.n_tokens, 1), table
 assert torch.equal(plain_images, renders.cpu()), "the exported embedding must draw exactly the renders"
 if LORA and ex.ground_truth:  # what the images show changed as the LoRA was trained to change it
     assert shares["LoRA"]["red"] > shares["base"]["red"] and shares["LoRA"]["blue"] < shares["base"]["blue"], shares
