@@ -11,13 +11,12 @@ import pytest
 import torch
 
 import conceptor_nb as cn
-from conceptor_nb.config import data_dir
 from conceptor_nb.method.generate import image_seeds
-from conceptor_nb.toyworld import Oracle, toy_spec
+from conceptor_nb.toyworld import Oracle, shipped_lora, toy_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-LORA = data_dir() / "toyworld" / "doctor_red_lora.safetensors"
+LORA = shipped_lora()
 TOY = cn.settings("toy")
 N = 64  # images per prompt for the oracle
 

@@ -215,8 +215,8 @@ def report_headline(rep: dict, spec: Spec | None = None) -> pd.DataFrame:
     share = lambda n: float(np.mean([n(r) / r["dictionary_size"] for r in rows]))  # noqa: E731
     cons = share(lambda r: len(spec.concepts[r["concept"]].constituents))
     return pd.DataFrame([
-        ("recall@5 of the spec's constituents", s["recall@5_spec_mean"], min(1.0, 5 / size)),
-        ("recall@5 of the constituents the model draws", s["recall@5_drawn_mean"], min(1.0, 5 / size)),
+        ("recall@5 of the spec's constituents", s["recall@5_spec_mean"], chance_overlap(5, size)),
+        ("recall@5 of the constituents the model draws", s["recall@5_drawn_mean"], chance_overlap(5, size)),
         ("R-precision: the top r are the r constituents", s.get("r_precision"), cons),
         ("top-10 overlap of runs on disjoint images", s["stability_top10_mean"], s["chance_top10_mean"]),
         ("supported tokens that are drawn constituents", s.get("supported_precision"), share(lambda r: len(r["drawn"]))),
