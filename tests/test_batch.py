@@ -78,40 +78,31 @@ def test_csv_list_overrides_are_typed_and_checked(tmp_path):
 
 
 # -- claims -------------------------------------------------------------------------------------------
-def _dead_pid():
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
-
-
 def test_claim_is_exclusive_and_released(tmp_path):
     a, b = Claim(tmp_path, "x"), Claim(tmp_path, "x")
     assert a.acquire()
-    assert not b.acquire()  # held by a live process (this one)
+    assert not b.acquire()  # held by a live process (this one, through another open file)
     assert batch.claim_state(tmp_path, "x") == "live"
     b.release()  # not b's claim: must not remove a's
-    assert a.path.exists()
+    assert a.path.exists() and batch.claim_state(tmp_path, "x") == "live"
     a.release()
-    assert not a.path.exists()
+    assert not a.path.exists() and batch.claim_state(tmp_path, "x") is None
     assert b.acquire()
     b.release()
 
 
-def test_stale_claims_are_taken_over_and_foreign_ones_respected(tmp_path):
+def test_a_killed_processs_claim_is_free(tmp_path):
+    code = f"from conceptor_nb.batch import Claim; c = Claim({str(tmp_path)!r}, 'x'); assert c.acquire(); print(1, flush=True); input()"
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_env(tmp_path))
+    assert p.stdout.readline().strip() == b"1"
+    assert batch.claim_state(tmp_path, "x") == "live" and not Claim(tmp_path, "x").acquire()
+    p.kill()
+    p.wait()
+    assert Claim(tmp_path, "x").path.exists()  # the dead process left its lock file, but not its lock
+    assert batch.claim_state(tmp_path, "x") is None
     c = Claim(tmp_path, "x")
-    c.folder.mkdir(parents=True)
-    # a dead process on this host: stale
-    c.path.write_text(json.dumps({"host": os.uname().nodename, "pid": _dead_pid(), "token": "old"}))
-    assert batch.claim_state(tmp_path, "x") == "stale"
     assert c.acquire()
-    assert json.loads(c.path.read_text())["pid"] == os.getpid()
     c.release()
-    # another host, fresh: cannot be judged, so respected; not refreshed for too long: stale
-    c.path.write_text(json.dumps({"host": "elsewhere.invalid", "pid": 1, "token": "far"}))
-    assert not Claim(tmp_path, "x").acquire()
-    old = time.time() - batch.STALE_AFTER_S - 10
-    os.utime(c.path, (old, old))
-    assert Claim(tmp_path, "x").acquire()
 
 
 def test_batch_command_takes_every_decompose_flag():

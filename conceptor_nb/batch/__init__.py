@@ -1,5 +1,5 @@
 """Many concepts: the list and its claims (``jobs``), the run and its summary (``runner``), the gallery (``report``)."""
-from .jobs import (CLAIMS, HEARTBEAT_S, STALE_AFTER_S, Claim, Job, as_jobs, claim_state, done_hash,  # noqa: F401
+from .jobs import (CLAIMS, Claim, Job, as_jobs, claim_state, done_hash,  # noqa: F401
                    read_concepts, settings_hash)
 from .report import build_report  # noqa: F401
 from .runner import (LOG, SUMMARY_FIELDS, TOP_K, collect, decompose_many, load_decompositions, load_runs,  # noqa: F401

@@ -5,8 +5,7 @@ A concept's folder is ``<out>/<slug>``: its words in any script and 8 hex digits
 per-concept settings), so two concepts never share one. A folder is the batch's once its ``batch.json`` names the
 concept; the batch never writes into a folder that holds files it did not write for that concept.
 
-A claim is a file ``<out>/.claims/<slug>.lock`` created with ``O_CREAT | O_EXCL`` and touched every ``HEARTBEAT_S``;
-it is stale when its owner (host, pid, start time) is on this host and gone, or untouched for ``STALE_AFTER_S``.
+A claim is an ``flock`` on ``<out>/.claims/<slug>.lock``: the operating system drops it when its process ends.
 """
 from __future__ import annotations
 
@@ -14,10 +13,6 @@ import csv
 import hashlib
 import json
 import os
-import socket
-import threading
-import time
-import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -27,10 +22,10 @@ from ..io import RUN_FILES, is_complete, read_json, slug
 
 try:
     import fcntl
-except ImportError:  # not POSIX: stale claims are removed without the lock
+except ImportError:  # not POSIX: no claims (one batch per --out at a time)
     fcntl = None
 
-CLAIMS, STALE_AFTER_S, HEARTBEAT_S = ".claims", 600.0, 30.0
+CLAIMS = ".claims"
 
 
 @dataclass
@@ -146,92 +141,37 @@ def check_out(out, jobs: list[Job], base: Settings, *, overwrite: bool = False) 
     return jobs
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return start is None or _start_time(pid) in (None, start)
-
-
 class Claim:
-    """An exclusive claim on one concept of ``out``; a context manager that releases it."""
+    """An exclusive claim on one concept of ``out``: an ``flock`` on ``<out>/.claims/<slug>.lock``, which the operating
+    system drops when its process ends, killed or not (so no claim is ever stale). A context manager that releases it.
+    Not for one ``--out`` shared by several hosts over NFS, where ``flock`` may not reach the other hosts."""
 
-    def __init__(self, out, slug: str, rank: int = 0, stale_after: float = STALE_AFTER_S):
-        self.folder = Path(out) / CLAIMS
-        self.path = self.folder / f"{slug}.lock"
-        self.rank, self.stale_after, self.token, self._stop = rank, stale_after, uuid.uuid4().hex, threading.Event()
-
-    def read(self) -> dict | None:
-        """The claim's content: None without a claim, {} while it is being written (or garbage)."""
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-
-    def state(self) -> str | None:
-        """'live' when a running process holds the claim, 'stale' for a dead one, None for no claim."""
-        info = self.read()
-        try:
-            age = time.time() - self.path.stat().st_mtime
-        except OSError:  # none, or a name the file system refuses
-            return None
-        if info is None:
-            return None
-        if age > self.stale_after:
-            return "stale"
-        mine = info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
-        return "stale" if mine and not _alive(info["pid"], info.get("start")) else "live"
-
-    def _break_stale(self) -> bool:
-        """Remove the claim if it is stale (under an flock, so two processes cannot both break it)."""
-        with open(self.folder / ".guard", "a") as guard:
-            if fcntl is not None:
-                fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file closes
-            state = self.state()
-            if state == "stale":
-                self.path.unlink(missing_ok=True)
-            return state != "live"
+    def __init__(self, out, slug: str, rank: int = 0):
+        self.path, self.rank, self.fd = Path(out) / CLAIMS / f"{slug}.lock", rank, None
 
     def acquire(self) -> bool:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._break_stale():
-                    return False
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-                                    "rank": self.rank, "time": time.time(), "token": self.token}))
-            threading.Thread(target=self._beat, daemon=True).start()
+        """Take the claim: False when a live process holds it."""
+        if fcntl is None:
             return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # the holder may release (and remove) the file between our open and our lock
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                self.fd = fd
+                return True
+            os.close(fd)
         return False
 
-    def _beat(self):
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                return
-
     def release(self) -> None:
-        self._stop.set()
-        if (self.read() or {}).get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while locked: a process that opened it sees it gone and retries
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self):
         return self
@@ -241,5 +181,12 @@ class Claim:
 
 
 def claim_state(out, slug: str) -> str | None:
-    """'live' when a running process holds the concept, 'stale' for a dead claim, None for no claim."""
-    return Claim(out, slug).state()
+    """'live' when a running process holds the concept's claim, else None."""
+    claim = Claim(out, slug)
+    try:
+        if not claim.path.exists() or claim.acquire():
+            claim.release()
+            return None
+    except OSError:  # a name the file system refuses: no claim
+        return None
+    return "live"
