@@ -18,11 +18,11 @@ pytestmark = pytest.mark.slow  # decompositions of the shipped toy world: minute
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy():
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = load_pipeline("toy", device="cpu")
     clip = load_clip("toy", device="cpu")
-    return pipe, clip, tmp_path_factory.mktemp("toycache")
+    return pipe, clip, None  # the default cache (CONCEPTOR_CACHE): CI's default-profile notebooks reuse these images
 
 
 @pytest.fixture(scope="module")
