@@ -17,38 +17,35 @@ torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 seed = int(sys.argv[1]); concepts = sys.argv[2].split(",")
 pipe = cn.load_pipeline("toy", device="cpu"); clip = cn.load_clip("toy", device="cpu")
 S = cn.settings("toy").replace(seed=seed)
-N = 16; G = S.explain_guidance or S.guidance
+N, G = 16, 7.5   # paired render seeds per variant; guidance of the renders
 out = {}
 for c in concepts:
     t0 = time.time()
     dec = cn.decompose(pipe, f"a {c}", clip=clip, settings=S, verbose=False)
     n = dec.n_tokens
     test = concept_images(pipe, dec.prompt, 16, S.seed, split="test", steps=S.gen_steps, guidance=S.guidance, sampler=S.sampler, verbose=False)
-    centroid = clip.image_features(test).mean(0)
+    tf = clip.image_features(test); centroid = tf.mean(0)
     emb = token_embeddings(pipe, dec.token_ids[:n]); coef = torch.tensor(dec.coefficients[:n])
     seeds = [10_000_000 + S.seed * 1000 + i for i in range(N)]
-    res = {}
-    for g in (7.5,):
-        def sims(cf):
-            imgs = cn.generate(pipe, template_prompt(dec.template), seeds, pseudo=combine(cf, emb, dec.norm), template=dec.template,
-                               steps=S.gen_steps, guidance=g, sampler=S.sampler, verbose=False, batch_size=64)
-            f = clip.image_features(imgs)
-            return f @ centroid, (tf @ f.T).max(1).values
-        tf = clip.image_features(test)
-        full, fcov = sims(coef)
-        rows, cov = [], []
-        for j in range(n):
-            a, b = sims(coef.index_fill(0, torch.tensor([j]), 0.0))
-            d = full - a; e = fcov - b
-            rows.append((dec.tokens[j], float(d.mean()), float(d.std() / N ** .5)))
-            cov.append((dec.tokens[j], float(e.mean()), float(e.std() / len(e) ** .5)))
-        res[g] = rows; res[f"cov{g}"] = cov
+
+    def sims(cf):  # per render: similarity to the centroid; per held-out image: its best match among the renders
+        imgs = cn.generate(pipe, template_prompt(dec.template), seeds, pseudo=combine(cf, emb, dec.norm), template=dec.template,
+                           steps=S.gen_steps, guidance=G, sampler=S.sampler, verbose=False, batch_size=64)
+        f = clip.image_features(imgs)
+        return f @ centroid, (tf @ f.T).max(1).values
+
+    full, fcov = sims(coef)
+    res = {"centroid": [], "coverage": []}
+    for j in range(n):
+        a, b = sims(coef.index_fill(0, torch.tensor([j]), 0.0))
+        for key, d in (("centroid", full - a), ("coverage", fcov - b)):
+            res[key].append((dec.tokens[j], float(d.mean()), float(d.std() / len(d) ** .5)))
     sup_loss = [t for t, s in zip(dec.tokens, dec.supported()) if s]
-    out[c] = dict(top=dec.tokens[:n], loss_supported=sup_loss, render={str(g): r for g, r in res.items()})
+    out[c] = dict(top=dec.tokens[:n], loss_supported=sup_loss, render=res)
     print(f"== {c} seed {seed} ({time.time()-t0:.0f}s) top: {' '.join(dec.tokens[:n])}")
     print(f"   loss-test supported: {sup_loss}")
     for g, rows in res.items():
-        print(f"   render test g={g}: supported {[t for t, m, e in rows if m > 1.645 * e]}")
+        print(f"   render test ({g}): supported {[t for t, m, e in rows if m > 1.645 * e]}")
         print("     " + ", ".join(f"{t} {m*1000:+.0f}±{e*1000:.0f}" for t, m, e in rows))
     sys.stdout.flush()
 json.dump(out, open(sys.argv[4] if len(sys.argv) > 4 else f"render_{seed}.json", "w"))
