@@ -1,15 +1,11 @@
 import contextlib
-import os
 import shutil
 from types import SimpleNamespace
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import fakehub  # noqa: E402  (tests/ is on sys.path: pytest puts the rootdir conftest's folder there)
+import fakehub  # tests/ is on sys.path: pytest puts each conftest's folder there
 
 
 @pytest.fixture(scope="session")

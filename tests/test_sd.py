@@ -266,7 +266,9 @@ def test_a_real_single_file_loads_every_weight_and_generates_as_its_pipeline(off
         return p("a photo of a cat", height=64, width=64, num_inference_steps=2, guidance_scale=7.5,
                  generator=torch.Generator().manual_seed(0), output_type="pt").images
 
-    assert torch.equal(image(pipe), image(src))
+    # equal bits at 2 threads; at 1 thread (pytest -n 2) the file's pipeline rounds differently (up to 1.5e-6
+    # seen), while a misplaced weight moves pixels by orders of magnitude more (the weights are equal, above)
+    torch.testing.assert_close(image(pipe), image(src), rtol=0, atol=1e-5)
     if config is not None:  # without config= a 2.x file still gets 2.x configs (OpenCLIP keys), not SD 1.x's
         default = load_pipeline(str(file), device="cpu", dtype=torch.float32)
         assert default.unet.config.use_linear_projection
