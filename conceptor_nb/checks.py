@@ -129,14 +129,6 @@ def parse_concept(concept, template: str = TEMPLATE) -> tuple[str, str]:
     return body.lower(), prompt or check_template("template", template).format(body)
 
 
-def concept_prompt(concept, template: str = TEMPLATE) -> str:
-    return parse_concept(concept, template)[1]
-
-
-def concept_word(concept) -> str:
-    return parse_concept(concept)[0]
-
-
 def _templates(name, v):
     if isinstance(v, str) or not hasattr(v, "__iter__") or not list(v):
         raise bad(name, v, "a non-empty list of templates, each with one '{}'")

@@ -273,14 +273,11 @@ def test_validate_settings_accepts_the_profiles_and_normalises():
 
 
 def test_one_concept_parser():
-    from conceptor_nb.checks import concept_word
-    from conceptor_nb.checks import concept_prompt
-
     assert parse_concept("a dog") == ("dog", "a photo of a dog")
     assert parse_concept("  The   Red Car ") == ("red car", "a photo of a Red Car")
     assert parse_concept("a photo of an apple") == ("apple", "a photo of an apple")
     assert parse_concept("dog", "a painting of a {}") == ("dog", "a painting of a dog")
-    assert concept_prompt("an owl") == "a photo of a owl" and concept_word("a photo of the owl") == "owl"
+    assert parse_concept("an owl")[1] == "a photo of a owl" and parse_concept("a photo of the owl")[0] == "owl"
 
 
 def test_default_folder_names_are_short_and_distinct():
