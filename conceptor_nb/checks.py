@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import TEMPLATE, Settings
+from .config import SEED_STRIDE, TEMPLATE, Settings
 from .errors import InvalidInputError, OutputError
 
-MAX_SEED = 2**62  # seeds are used as seed, seed + 1, ... and seed + 1_000_000 + i; all must fit torch's int64
+MAX_SEED = (2**63 - 1) // SEED_STRIDE - 1  # a run's image seeds reach seed * SEED_STRIDE + SEED_STRIDE - 1: all fit int64
 
 
 def _show(value) -> str:
@@ -106,7 +106,7 @@ def check_pipe(pipe):
 def parse_concept(concept, template: str = TEMPLATE) -> tuple[str, str]:
     """The one parser of concept strings: ``(word, prompt)``.
 
-    "a dog", "dog", "The Dog" -> ("dog", "a photo of a dog"); a full prompt ("a photo of a dog")
+    "a dog", "dog" -> ("dog", "a photo of a dog"); "The Dog" -> ("dog", "a photo of a Dog"); a full prompt ("a photo of a dog")
     is kept as the prompt, its word is "dog". Whitespace is collapsed.
     """
     accepted = "a word or a short phrase, e.g. 'a president'"

@@ -1,6 +1,6 @@
 """The ``conceptor`` command (also ``python -m conceptor_nb``): ``decompose``, ``batch``, ``report`` and ``export``.
 
-Exit codes: 0 done, 2 bad input (nothing was loaded or written), 1 the run failed, 130 interrupted (resumable).
+Exit codes: 0 done, 2 bad input (nothing was written), 1 the run failed, 130 interrupted (resumable).
 """
 from __future__ import annotations
 

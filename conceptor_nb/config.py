@@ -16,6 +16,7 @@ from .errors import InvalidInputError
 ENV_PROFILE, ENV_CACHE, ENV_DATA = "CONCEPTOR_PROFILE", "CONCEPTOR_CACHE", "CONCEPTOR_DATA"
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"  # shipped inside the package (wheel included)
 TEMPLATE = "a photo of a {}"  # the prompt template ('{}' is the concept); the one literal of it
+SEED_STRIDE = 1_000_003  # a run of seed s draws its images from seeds s * SEED_STRIDE + ...: runs share no image
 # the 27 templates the authors average over when CLIP embeds a token (textual inversion's imagenet_templates_small)
 CLIP_TEMPLATES = (
     TEMPLATE, "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}", "a photo of a clean {}",
@@ -147,7 +148,7 @@ class Profile:
 
 
 SD_MODEL, SD_CLIP = "stabilityai/stable-diffusion-2-1-base", "openai/clip-vit-base-patch32"
-SD = Settings(autocast="auto", vocab_precision="auto", n_test=8, test_draws=4)  # the authors' settings; bf16 where the hardware has it
+SD = Settings(autocast="auto", vocab_precision="auto", n_test=8, test_draws=4)  # the authors' settings, plus the significance test; bf16 where the hardware has it
 # the toy world (32 px images, a few dozen words that matter); why these values: data/toyworld/README.md
 TOY = Settings(n_train=48, n_val=8, gen_steps=20, guidance=1.5, sampler="dpm", dict_size=100, null_threshold=0.8,
                clip_templates=(TEMPLATE,), n_tokens=10, steps=300, batch_size=6, val_every=50, val_steps=15,

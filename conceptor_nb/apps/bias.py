@@ -234,7 +234,7 @@ def mitigate_bias(pipe, dec: Decomposition, attribute: dict, target: dict | None
                   max_rounds: int = 8, steps: int | None = None, verbose: bool = False) -> Mitigation:
     """Raise the under-represented value's token until renders meet ``target`` (default: equal shares).
 
-    The token is the strongest word of that value in the decomposition, or its first word added to it.
+    The token: the value's strongest word in the decomposition's top ``n_tokens``, else its first word, added.
     Each round renders the same ``seeds`` and measures the shares with ``classifier`` (default: CLIP
     zero-shot); the coefficient is found by doubling, then bisection on the measured share.
     ``identity``: images -> the share that still show the concept (a doctor still a person); a coefficient whose

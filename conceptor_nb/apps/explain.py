@@ -33,7 +33,7 @@ class ImageExplanation(Saved):
     trace: list[dict]                      # pass, token, coefficient, similarity, dropped
     image: torch.Tensor                    # (3, H, W) the pseudo-token's image
     kept_image: torch.Tensor               # (3, H, W) from the kept tokens alone
-    token_images: torch.Tensor             # (k, 3, H, W) "a photo of a <token>", same seed
+    token_images: torch.Tensor             # (k, 3, H, W) the template with <token>, same seed
     kept_similarity: float = float("nan")  # CLIP similarity of kept_image to image
     settings: dict = field(default_factory=dict)
 

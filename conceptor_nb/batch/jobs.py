@@ -70,7 +70,7 @@ def _job(c) -> Job:
 
 
 def job_slug(job: Job) -> str:
-    """The concept's words and a hash of its exact text (and per-concept settings): "a dog" -> "a-dog-ab02bbc6"."""
+    """The concept's words and a hash of its exact text (and per-concept settings): "a dog" -> "a-dog-7dbdf68a"."""
     key = job.concept + ("\0" + json.dumps(job.overrides, sort_keys=True, default=str) if job.overrides else "")
     return slug(job.concept, key=key)
 

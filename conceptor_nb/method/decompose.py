@@ -35,7 +35,7 @@ def decompose(pipe, concept: str, *, clip=None, settings: Settings | None = None
     ``steps`` ...); the rest come from ``settings`` or the pipeline's profile. ``images``/``val_images`` (in
     [0, 1]) replace the generated concept images, ``dictionary`` the CLIP dictionary; ``clip``: a Clip or a
     name (default: the profile's, loaded when needed). Every input is checked before any work
-    (InvalidInputError). ``checkpoint_dir``: the fit saves its state there at each validation and resumes
+    (InvalidInputError). ``checkpoint_dir``: the fit saves its state there every ``val_every`` steps (50 without validation) and resumes
     from a matching one (same coefficients as an uninterrupted run). ``refresh``: regenerate the images.
     """
     check_pipe(pipe)

@@ -13,7 +13,7 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TEMPLATE, Settings
+from ..config import SEED_STRIDE, TEMPLATE, Settings
 from ..config import cache_dir as default_cache_dir
 from ..errors import CacheError
 from ..models import model_name
@@ -24,7 +24,6 @@ SCHEDULERS = {"dpm": diffusers.DPMSolverMultistepScheduler, "lms": diffusers.LMS
               "ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler,
               "pndm": diffusers.PNDMScheduler}
 DEFAULT = Settings()  # the defaults of generate and concept_images: gen_steps, guidance, sampler
-SEED_STRIDE = 1_000_003  # run seeds are this far apart: runs with different seeds share no image
 OFFSETS = {"train": 0, "val": 500_000, "test": 750_000}  # where a run's images of each split start in its stride
 
 
