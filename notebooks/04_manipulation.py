@@ -44,9 +44,10 @@ display(dec.to_frame(8))
 top_token = dec.tokens[0]
 seeds = dec.seeds(8)
 base = dec.render(pipe, seeds)
+without = {t: dec.with_coefficient(t, 0.0).render(pipe, seeds) for t in dec.tokens[:6]}  # each top token removed
 fig, axes = plt.subplots(2, 1, figsize=(8, 2.6))
 cn.show_images(base, ax=axes[0], nrow=8, title=f'the pseudo-token of "{dec.concept}"')
-cn.show_images(dec.with_coefficient(top_token, 0.0).render(pipe, seeds), ax=axes[1], nrow=8,
+cn.show_images(without[top_token], ax=axes[1], nrow=8,
             title=f"without '{top_token}'")
 cn.save_figure(fig, f"04_{ex.manip_concept}_remove_top")
 
@@ -61,7 +62,7 @@ cn.save_figure(fig, f"04_{ex.manip_concept}_remove_top")
 # `supported` is evidence to weigh, not a verdict.
 
 # %%
-change = [(dec.with_coefficient(t, 0.0).render(pipe, seeds) - base).abs().mean().item() for t in dec.tokens[:6]]
+change = [(images - base).abs().mean().item() for images in without.values()]
 evidence = dec.to_frame(6)[["token", "coefficient", "loss_rise", "loss_rise_se", "supported"]].assign(image_change=change)
 display(evidence)
 
