@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers.utils.logging as dlog
 import torch
 from huggingface_hub import hf_hub_download
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from .clip import TEXT_WIDTH, Clip, clip_for, clip_tokenizer, load_clip, tiny_text_config  # noqa: F401 (clip_for)
 from .config import Profile, Settings, resolve, toy_run_folder
@@ -35,6 +38,7 @@ NO_EXTRAS = {  # what Conceptor does not load: the safety checker and its image 
 WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model", "stable_diffusion": "model"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
+RENAME = {"A": ".lora_linear_layer.down.", "B": ".lora_linear_layer.up."}  # peft's LoRA key names -> diffusers'
 # diffusers' default config repo for a checkpoint type -> other ids of the same files people have cached
 CONFIG_ALIASES = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": ("runwayml/stable-diffusion-v1-5",),
@@ -166,8 +170,18 @@ def apply_lora(pipe, lora, scale: float, file: Path, model: str = "") -> None:
     try:
         with quiet_loading():  # (which restores the level after) diffusers logs the error raised here
             dlog.set_verbosity(dlog.CRITICAL)
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="conceptor")
-    except (ValueError, RuntimeError, KeyError) as err:
+            try:
+                pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="conceptor")
+            except ValueError as err:  # diffusers reads a text encoder's LoRA format from its attention keys: one of
+                if "infer state dict type" not in str(err):  # MLP layers only, in peft's names, loads under its own
+                    raise
+                pipe.unload_lora_weights()
+                with tempfile.TemporaryDirectory() as tmp, safe_open(str(file), "pt") as f:
+                    names = {k: re.sub(r"\.lora_([AB])\.", lambda m: RENAME[m[1]], k) if k.startswith("text_encoder")
+                             else k for k in f.keys()}  # (the same weights and header, in a temporary copy)
+                    save_file({names[k]: f.get_tensor(k) for k in names}, f"{tmp}/{file.name}", metadata=f.metadata())
+                    pipe.load_lora_weights(tmp, weight_name=file.name, adapter_name="conceptor")
+    except (ValueError, RuntimeError, KeyError, IndexError) as err:  # IndexError: a key matching no layer
         raise InvalidInputError(f"LoRA {file} does not fit model {model!r} (made for another base model?): "
                                 f"{' '.join(root_cause(err).split())[:400]}") from err
     if not any(hasattr(m, "lora_A") for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))

@@ -178,6 +178,24 @@ def test_lora_is_fused_and_its_file_and_scale_are_the_models_identity(tiny_pipe,
     assert not torch.equal(x0, x1) and len(list((tmp_path / "images").iterdir())) == 2
 
 
+def test_a_text_encoder_lora_of_mlp_layers_only_loads(tiny_pipe, tmp_path):
+    """diffusers reads a text encoder LoRA's format from its attention keys, so one of MLP layers only, in peft's names
+    (what peft's get_peft_model_state_dict writes), failed with "made for another base model?": it loads now."""
+    name = next(n for n, _ in tiny_pipe.text_encoder.named_modules() if n.endswith("layers.0.mlp.fc1"))
+    fc1 = dict(tiny_pipe.text_encoder.named_modules())[name]
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, fc1.in_features, generator=gen), torch.randn(fc1.out_features, 2, generator=gen)
+    save_file({f"text_encoder.{name}.lora_A.weight": a, f"text_encoder.{name}.lora_B.weight": b}, tmp_path / "mlp.safetensors")
+    tuned = cn.load_pipeline("tiny", device="cpu", lora=tmp_path / "mlp.safetensors", lora_scale=0.5)
+    after = dict(tuned.text_encoder.named_parameters())
+    torch.testing.assert_close(after[f"{name}.weight"] - fc1.weight, 0.5 * b @ a, atol=1e-6, rtol=1e-5)
+    assert [n for n, p in tiny_pipe.text_encoder.named_parameters() if not torch.equal(p, after[n])] == [f"{name}.weight"]
+    save_file({f"text_encoder.{name}.lora_A.weight": a[:, :-1].contiguous(), f"text_encoder.{name}.lora_B.weight": b},
+              tmp_path / "narrow.safetensors")
+    with pytest.raises(cn.InvalidInputError, match="does not fit model 'tiny'"):
+        cn.load_pipeline("tiny", device="cpu", lora=tmp_path / "narrow.safetensors")
+
+
 def test_bad_loras_are_refused_with_what_is_wrong(loras, tmp_path):
     with pytest.raises(cn.InvalidInputError, match="does not fit model 'tiny'.*size mismatch"):
         cn.load_pipeline("tiny", device="cpu", lora=loras["wide"])
