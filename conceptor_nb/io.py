@@ -10,8 +10,8 @@ import json
 import math
 import os
 import re
+import secrets
 import sys
-import tempfile
 import time
 import unicodedata
 from dataclasses import fields
@@ -33,25 +33,16 @@ RUN_FILES = ("decomposition.json", "coefficients.safetensors", "concept.png", "r
 CHECKPOINT_DIR = ".checkpoint"  # inside a run folder: the fit's state while it runs (removed once saved)
 
 
-def _umask() -> int:
-    try:  # Linux: read it without setting it (os.umask sets it, for every thread)
-        return int(Path("/proc/self/status").read_text().split("Umask:")[1].split()[0], 8)
-    except (OSError, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
 def atomic_write(path, data: bytes | str) -> Path:
     """Write ``data`` (str: UTF-8) to ``path`` atomically; concurrent writers never share a temporary file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # a new file, permissions as open() gives them
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -336,14 +336,15 @@ def test_decomposition_json_is_strict(tmp_path):
     assert math.isnan(back.dictionary_scores[back.tokens.index("dog")])
 
 
-def test_files_get_the_users_umask(tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_get_the_users_umask(tmp_path, umask):
+    old = os.umask(umask)
     try:
         fake_dec().save(tmp_path / "d")
     finally:
         os.umask(old)
     for f in (tmp_path / "d").iterdir():
-        assert f.stat().st_mode & 0o777 == 0o644, f
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def test_save_refuses_before_writing_anything(tmp_path):

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "conceptor_nb"
 OPTIONAL = {"ipywidgets", "IPython", "accelerate", "playwright", "tabulate"}
 MAX_MODULE_LINES = 400
 MAX_CORE_LINES = 3000  # conceptor_nb/ without toyworld/: issue 22's target
-CORE_CEILING = 4603  # its size on 2026-12-05: it may only shrink toward the target (lower this when it does)
+CORE_CEILING = 4602  # its size on 2026-12-05: it may only shrink toward the target (lower this when it does)
 SHIM = "# SHIM: removed at integration"
 
 

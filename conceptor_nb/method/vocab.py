@@ -188,13 +188,6 @@ def _clip_amp(clip, precision) -> tuple[torch.Tensor, torch.dtype | None]:
     return w, autocast_dtype(w.device, precision, w.dtype, "vocabulary precision")
 
 
-def default_vocab_batch(device, dtype: torch.dtype) -> int:
-    """Prompts per pass: 8192 on a GPU; on a CPU few enough to stay in cache (benchmarks/vocab_embedding.md)."""
-    if torch.device(device).type != "cpu":
-        return 8192
-    return 1024 if dtype == torch.float32 else 2048
-
-
 def template_features(clip, template: str, token_ids: torch.Tensor, batch_size: int | None = None, *,
                       precision: str | None = "fp32", eos_only_last: bool = True, weights=None) -> torch.Tensor:
     """L2-normalised CLIP text features (len(token_ids), D) of ``template`` with each token in it, computed in
@@ -206,7 +199,8 @@ def template_features(clip, template: str, token_ids: torch.Tensor, batch_size: 
     with _one_cpu_thread(w.device):
         prefix_kv = [(k.to(amp or w.dtype), v.to(amp or w.dtype)) for k, v in prefix_keys_values(clip.model, pre)]
     suffixes = _template_ids(tok, template, token_ids)[:, len(pre):]  # the token and the words after it
-    batch_size = batch_size or default_vocab_batch(w.device, amp or w.dtype)
+    if not batch_size:  # prompts per pass: on a CPU few enough to stay in cache (benchmarks/vocab_embedding.md)
+        batch_size = 8192 if w.device.type != "cpu" else 1024 if (amp or w.dtype) == torch.float32 else 2048
     n_batches = max(1, -(-len(suffixes) // batch_size))
     batch_size = max(1, -(-len(suffixes) // n_batches))  # even batches: no small last one
     return torch.cat([F.normalize(prefix_cached_text_features(
