@@ -527,3 +527,16 @@ def test_full_shape_sd21_base_fit_step(tmp_path, monkeypatch):
     s = settings("sd").replace(steps=2, batch_size=1, val_every=0)
     coef, hist = conceptor_mod.fit(pipe, torch.rand(1, 3, 512, 512), list(range(1000, 1100)), s, verbose=False)
     assert coef.shape == (100,) and all(torch.isfinite(torch.tensor(hist["loss"])))
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_on_the_cpu_at_smoke_sizes(tmp_path):
+    """scripts/sd_gpu_check.py (the first thing a lent GPU runs) makes every call it makes there, on shrunk weights:
+    a broken import or signature shows here, not in device time. Its bench.json has every number, all finite."""
+    env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), FAKE_HF_HOME=str(tmp_path / "hf"),
+               CONCEPTOR_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sd_gpu_check.py")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "bench.json").read_text())
+    keys = ("gen_lms50_s_per_image", "fit_step_ms_mean12", "validation_20img_dpm50_s", "vocab_one_template_s", "total_s")
+    assert res["loss_finite"] is True and all(res[k] > 0 and res[k] < float("inf") for k in keys), res
